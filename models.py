@@ -1,0 +1,185 @@
+"""Model registry and loading: a registry name, a local HF checkpoint directory or a hub repo id.
+
+The paper's update chains (PAPER.md Sec. 4) are Llama-1 -> Llama-2 -> Vicuna and Phi-1 -> Phi-1.5 ->
+Phi-2; REGISTRY maps the short names used on the command line to their hub repos. Loading builds the
+model on the meta device and assigns checkpoint tensors shard by shard, so a 7B model never needs
+twice its size in memory. Only safetensors, or `.bin` through `torch.load(weights_only=True)`: never
+pickle, never remote code.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+import llama
+import phi
+
+REGISTRY: dict[str, str] = {
+    "llama1": "huggyllama/llama-7b",
+    "llama2": "meta-llama/Llama-2-7b-hf",
+    "llama3": "meta-llama/Meta-Llama-3-8B",
+    "vicuna1.3": "lmsys/vicuna-7b-v1.3",
+    "vicuna1.5": "lmsys/vicuna-7b-v1.5",
+    "phi1": "microsoft/phi-1",
+    "phi1.5": "microsoft/phi-1_5",
+    "phi2": "microsoft/phi-2",
+}
+
+# model_type -> (config class, model class)
+FAMILIES: dict[str, tuple[Any, type[nn.Module]]] = {
+    "llama": (llama.LlamaConfig, llama.LlamaForCausalLM),
+    "phi": (phi.PhiConfig, phi.PhiForCausalLM),
+}
+
+# Pre-Jan-2024 Phi repos used custom MixFormer code (ANCHORS.md, "Old format trap").
+OLD_PHI_TYPES = ("phi-msft", "mixformer-sequential")
+
+
+def read_config(ckpt_dir: Path) -> dict[str, Any]:
+    """config.json of a checkpoint directory, with clear errors for the usual mistakes."""
+    path = ckpt_dir / "config.json"
+    if not path.is_file():
+        what = "is empty" if not any(ckpt_dir.iterdir()) else "has no config.json"
+        raise FileNotFoundError(
+            f"{ckpt_dir} {what}: expected a Hugging Face checkpoint directory "
+            "(config.json, *.safetensors, tokenizer files)"
+        )
+    return json.loads(path.read_text())
+
+
+def build_model(hf_config: dict[str, Any], source: str = "config") -> nn.Module:
+    """Instantiate the family's model from a config.json dict (on the current default device)."""
+    model_type = hf_config.get("model_type")
+    if model_type in OLD_PHI_TYPES:
+        raise ValueError(
+            f"{source}: outdated Phi checkpoint (model_type {model_type!r}, MixFormer layout); "
+            "download the current revision of the repo, whose config has model_type 'phi'"
+        )
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
+        )
+    config_cls, model_cls = FAMILIES[model_type]
+    return model_cls(config_cls.from_hf(hf_config))
+
+
+def weight_files(ckpt_dir: Path) -> list[Path]:
+    """The checkpoint's weight files: safetensors (single or sharded with an index), else .bin."""
+    for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"),
+                                ("pytorch_model.bin.index.json", "*.bin")):
+        index = ckpt_dir / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (ckpt_dir / s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{ckpt_dir}: shards listed in {index_name} are missing: {missing}")
+            return [ckpt_dir / s for s in shards]
+        files = sorted(ckpt_dir.glob(pattern))
+        if files:
+            return files
+    raise FileNotFoundError(f"{ckpt_dir} has no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of one weight file, read lazily (safetensors) or memory-mapped (.bin)."""
+    if path.suffix == ".bin":
+        yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
+        return
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(
+            f"cannot read {path} ({e}); the file is probably truncated or corrupt: delete it and download "
+            "the checkpoint again"
+        ) from e
+
+
+def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, device: torch.device) -> None:
+    """Assign checkpoint tensors to a meta-device model, one file at a time.
+
+    Each tensor is cast and moved before the next file is opened, so peak memory is about one
+    shard plus the model in its target dtype.
+    """
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    expected = set(model.state_dict())
+    seen: set[str] = set()
+    for path in files:
+        shard: dict[str, torch.Tensor] = {}
+        for name, tensor in iter_tensors(path):
+            if name.endswith("rotary_emb.inv_freq"):  # recomputed from the config; some old files carry it
+                continue
+            if name.startswith(("layers.", "transformer.")):
+                raise ValueError(
+                    f"{path}: outdated Phi checkpoint (MixFormer keys such as {name!r}); download the "
+                    "current revision of the repo (HF-native Phi layout, model.layers.*)"
+                )
+            if name not in expected:
+                raise ValueError(f"{path}: unexpected tensor {name!r} for this model_type")
+            shard[name] = tensor.to(device=device, dtype=dtype)
+        model.load_state_dict(shard, strict=False, assign=True)
+        seen.update(shard)
+    missing = expected - seen - ({"lm_head.weight"} if tied else set())
+    if missing:
+        raise ValueError(f"checkpoint is missing tensors: {sorted(missing)[:5]} ({len(missing)} in all)")
+    model.tie_weights()
+
+
+def load_model(name_or_path: str | Path, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> nn.Module:
+    """Load a model in eval mode from a registry name, a local checkpoint dir or a hub repo id.
+
+    dtype None means float32 (exact parity with transformers' fp32 logits; pass torch.bfloat16 for
+    big models on GPU). device None means CPU.
+    """
+    ckpt_dir = resolve(name_or_path)
+    dtype = dtype or torch.float32
+    device = torch.device(device or "cpu")
+    hf_config = read_config(ckpt_dir)
+    files = weight_files(ckpt_dir)
+    with torch.device("meta"):
+        model = build_model(hf_config, source=str(ckpt_dir / "config.json"))
+    load_weights(model, files, dtype, device)
+    model.to(device)  # non-persistent buffers (RoPE inv_freq) were built on the CPU
+    return model.eval()
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A registry name, a local directory, a toy model name or a hub repo id -> a local checkpoint dir."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if name in REGISTRY:
+        return download(REGISTRY[name])
+    toy = _toy_models()
+    if toy is not None and name in toy.TOY_MODELS:
+        return Path(toy.ensure_model(name))
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return download(name)
+    known = sorted(REGISTRY) + sorted(toy.TOY_MODELS if toy is not None else [])
+    raise ValueError(
+        f"unknown model {name!r}: not a directory, a registry name or a hub repo id (org/name). "
+        f"Known names: {', '.join(known)}"
+    )
+
+
+def _toy_models():
+    """The toy-model module, imported lazily (it builds checkpoints on first use) or None if absent."""
+    try:
+        import toy
+    except ImportError:
+        return None
+    return toy
+
+
+def download(repo_id: str) -> Path:
+    """Hub download placeholder: replaced by the huggingface_hub path in the next commit."""
+    raise NotImplementedError(f"hub downloads are not implemented yet ({repo_id})")
