@@ -1,0 +1,229 @@
+"""The MUSCLE loss: masked knowledge distillation from two teachers (paper section 4.1, eqs. 1-2).
+
+For every training token t with next-token label y_t there are three sets of logits:
+z_c (the compatibility model Mc being trained), z_1 (old task model M1, frozen) and z_2 (new task
+model M2, frozen). A *mask* decides, per token, which teacher the student follows:
+
+    L = 1/|tokens| * sum_t  T^2 * KL( softmax(z_teacher[t] / T) || softmax(z_c[t] / T) )
+        [+ ce_weight * CE(z_c[t], y_t)]        with teacher = M1 where follow_old[t] else M2
+
+The paper's mask (the default, "student_correct") sends the student to the old model exactly
+where the student itself gets the token wrong; section 6.5 / Table 6 compares the other entries
+of `MASKS`. A new strategy is one function `(student, old, new, labels) -> follow_old` plus one
+entry in `MASKS`.
+
+The T^2 factor. The paper's equation has none; we apply Hinton et al.'s T^2 so that gradient
+magnitudes do not shrink as 1/T^2 when T grows, which keeps `ce_weight` meaning the same thing
+at any temperature. With AdamW and ce_weight = 0 (the paper's default runs) a constant factor on
+the loss does not change the update direction, so this choice only matters for the "CE+" runs.
+
+Conventions: labels are the input ids themselves with -100 on positions that carry no loss; the
+loss shifts them (logits at position t are scored against labels[t + 1]). Losses come back as a
+*sum* over real label tokens plus the token count: the caller divides by the count summed over
+micro-batches and ranks (ANCHORS lesson 9), so two micro-batches give the gradient of one batch.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 for softmax statistics (bf16 logits lose the tails); float64 stays."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# Masks. Inputs are *aligned* (already shifted): logits [B, T, V] and labels [B, T], position t
+# of the logits predicts labels[t]. Output: bool [B, T], True = follow the old model M1.
+# Values at ignored positions are irrelevant (the loss drops them). Computed without gradient.
+
+
+def _label_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] per position, at temperature 1; ignored labels read token 0."""
+    logp = torch.log_softmax(_upcast(logits), dim=-1)
+    return logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+
+
+def student_correct(student, old, new, labels):
+    """The paper's mask (eq. 1): follow M1 where the student's argmax is not the label."""
+    return student.argmax(-1) != labels
+
+
+def token_likelihood(student, old, new, labels):
+    """Table 6 ablation: follow M1 where it gives the label a higher probability than the student."""
+    return _label_logprob(student, labels) < _label_logprob(old, labels)
+
+
+def instance_likelihood(student, old, new, labels):
+    """Table 6 ablation: as token_likelihood, but on the whole sequence's log-likelihood.
+
+    One decision per sequence (row), broadcast over its tokens. Needs whole rows: see
+    `SEQUENCE_MASKS`.
+    """
+    real = labels != IGNORE_INDEX
+    ll_student = (_label_logprob(student, labels) * real).sum(-1, keepdim=True)
+    ll_old = (_label_logprob(old, labels) * real).sum(-1, keepdim=True)
+    return (ll_student < ll_old).expand_as(labels)
+
+
+def old_correct(student, old, new, labels):
+    """Table 6 ablation: follow M1 where M1 predicts the label."""
+    return old.argmax(-1) == labels
+
+
+def no_mask(student, old, new, labels):
+    """Table 6 ablation: plain distillation from M1 at every token."""
+    return torch.ones_like(labels, dtype=torch.bool)
+
+
+MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+MASKS: dict[str, MaskFn] = {
+    "student_correct": student_correct,
+    "token_likelihood": token_likelihood,
+    "instance_likelihood": instance_likelihood,
+    "old_correct": old_correct,
+    "none": no_mask,
+}
+
+# Masks that look at a whole row at once; the chunked loss keeps rows whole for them
+# (all other masks are per position, and the chunked loss packs real tokens from all rows).
+SEQUENCE_MASKS = {"instance_likelihood"}
+
+
+def get_mask(name: str) -> MaskFn:
+    """The mask function registered under `name`, with a clear error for unknown names."""
+    if name not in MASKS:
+        raise ValueError(f"unknown MUSCLE mask {name!r}; choose one of {sorted(MASKS)}")
+    return MASKS[name]
+
+
+# --------------------------------------------------------------------------------------------
+# The loss on aligned logits (the shared core of the plain and the chunked versions).
+
+
+class LossSum(NamedTuple):
+    """A loss summed over real label tokens, their count, and how many followed the old model."""
+
+    loss: torch.Tensor
+    tokens: int
+    follow_old: int
+
+
+def _aligned_loss(student: torch.Tensor, old: torch.Tensor, new: torch.Tensor,
+                  labels: torch.Tensor, mask: str, temperature: float,
+                  ce_weight: float) -> LossSum:
+    """Summed masked KL (+ CE) over the positions of `labels` that are not IGNORE_INDEX."""
+    real = labels != IGNORE_INDEX
+    student, old, new = _upcast(student), _upcast(old), _upcast(new)
+    with torch.no_grad():
+        follow_old = get_mask(mask)(student, old, new, labels) & real
+        teacher = torch.where(follow_old.unsqueeze(-1), old, new)
+        teacher_logp = torch.log_softmax(teacher / temperature, dim=-1)
+    student_logp = torch.log_softmax(student / temperature, dim=-1)
+    kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1)
+    per_token = temperature**2 * kl
+    if ce_weight:
+        ce = F.cross_entropy(student.flatten(0, -2), labels.flatten().clamp(min=0),
+                             reduction="none").view_as(labels)
+        per_token = per_token + ce_weight * ce
+    return LossSum(per_token[real].sum(), int(real.sum()), int(follow_old.sum()))
+
+
+def _shift(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the last position of x and the first label: x[:, t] is scored against labels[:, t+1]."""
+    return x[:, :-1], labels[:, 1:]
+
+
+def muscle_loss(student_logits: torch.Tensor, old_logits: torch.Tensor,
+                new_logits: torch.Tensor, labels: torch.Tensor, mask: str = "student_correct",
+                temperature: float = 2.0, ce_weight: float = 0.0) -> LossSum:
+    """The MUSCLE loss on full logits [B, T, V] and labels [B, T] (= input ids, -100 = no loss).
+
+    Gradients flow only into `student_logits`; the teachers' logits are treated as constants.
+    Returns the sum over real label tokens; divide by the global token count.
+    """
+    student, labels = _shift(student_logits, labels)
+    return _aligned_loss(student, old_logits[:, :-1].detach(), new_logits[:, :-1].detach(),
+                         labels, mask, temperature, ce_weight)
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked: hidden states in, scalar out; each chunk's logits are made, used and freed in turn.
+
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _chunks(labels: torch.Tensor, mask: str, chunk_size: int):
+    """Index sets of the (already shifted) positions, chunk by chunk.
+
+    Per-position masks: only real label tokens, packed across rows into chunks of `chunk_size`
+    (padding is never projected). Sequence masks: groups of whole rows of about `chunk_size`
+    positions.
+    """
+    batch, length = labels.shape
+    if mask in SEQUENCE_MASKS:
+        rows = max(1, chunk_size // max(length, 1))
+        for start in range(0, batch, rows):
+            yield slice(start, start + rows)
+        return
+    flat = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(-1)
+    for start in range(0, flat.numel(), chunk_size):
+        yield flat[start:start + chunk_size]
+
+
+def muscle_loss_chunked(h_student: torch.Tensor, h_old: torch.Tensor, h_new: torch.Tensor,
+                        heads: Sequence[Head], labels: torch.Tensor,
+                        mask: str = "student_correct", temperature: float = 2.0,
+                        ce_weight: float = 0.0, chunk_size: int = 1024) -> LossSum:
+    """`muscle_loss` from final hidden states [B, T, H] and the three lm_heads (student, old, new).
+
+    Logits exist for one chunk of at most `chunk_size` positions at a time, and each chunk runs
+    under activation checkpointing, so its fp32 logits are recomputed in the backward pass rather
+    than kept: peak memory is three [chunk_size, V] fp32 tensors, never three [B*T, V] ones
+    (ANCHORS lessons 8-9). The teachers' hidden states should come from no_grad forwards.
+    Equals `muscle_loss` on the projected logits, in value and gradient.
+    """
+    get_mask(mask)  # fail on a wrong name before any work
+    head_s, head_o, head_n = heads
+    h_student, labels = _shift(h_student, labels)
+    h_old, h_new = h_old[:, :-1].detach(), h_new[:, :-1].detach()
+    flat = mask not in SEQUENCE_MASKS
+    if flat:  # [1, B*T, H]: chunks are index sets over all rows' positions
+        h_student, h_old, h_new = (x.flatten(0, 1).unsqueeze(0) for x in (h_student, h_old, h_new))
+        labels = labels.flatten().unsqueeze(0)
+
+    def chunk_loss(hs, ho, hn, y):
+        with torch.no_grad():
+            zo, zn = head_o(ho), head_n(hn)
+        return _aligned_loss(head_s(hs), zo, zn, y, mask, temperature, ce_weight)
+
+    # Start from a zero tied to h_student, so a batch without label tokens still backpropagates
+    # (under FSDP every rank must run the same backward collectives).
+    total, tokens, follow_old = _upcast(h_student.sum()) * 0, 0, 0
+    use_checkpoint = torch.is_grad_enabled() and h_student.requires_grad
+    for idx in _chunks(labels, mask, chunk_size):
+        parts = (h_student[:, idx], h_old[:, idx], h_new[:, idx], labels[:, idx]) if flat else \
+                (h_student[idx], h_old[idx], h_new[idx], labels[idx])
+        if use_checkpoint:
+            out = checkpoint(chunk_loss, *parts, use_reentrant=False)
+        else:
+            out = chunk_loss(*parts)
+        total, tokens, follow_old = total + out.loss, tokens + out.tokens, follow_old + out.follow_old
+    return LossSum(total, tokens, follow_old)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> LossSum:
+    """Summed next-token cross-entropy over real label tokens (task adapters, stages 1 and 2)."""
+    logits, labels = _shift(logits, labels)
+    real = labels != IGNORE_INDEX
+    loss = F.cross_entropy(_upcast(logits).flatten(0, 1), labels.flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return LossSum(loss, int(real.sum()), 0)

@@ -1,0 +1,179 @@
+"""Tests of muscle.py: every mask and the loss on hand-computed logits, chunked == unchunked."""
+import math
+
+import pytest
+import torch
+
+import muscle
+from muscle import MASKS, causal_lm_loss, muscle_loss, muscle_loss_chunked
+
+
+def logits_from_probs(*rows, temperature=2.0):
+    """Logits whose softmax at `temperature` is exactly the given probability rows: T * log p."""
+    return temperature * torch.tensor(rows, dtype=torch.float64).log()
+
+
+# Three positions; the first label (position 0) is never a target (labels are shifted).
+# At T=2: old p1 = [.5,.25,.25], new p2 = [.25,.5,.25], student q = [.5,.25,.25] (argmax 0).
+OLD = logits_from_probs([.5, .25, .25], [.5, .25, .25], [1 / 3, 1 / 3, 1 / 3]).unsqueeze(0)
+NEW = logits_from_probs([.25, .5, .25], [.25, .5, .25], [1 / 3, 1 / 3, 1 / 3]).unsqueeze(0)
+STUDENT = logits_from_probs([.5, .25, .25], [.5, .25, .25], [1 / 3, 1 / 3, 1 / 3]).unsqueeze(0)
+# Position 0 predicts label 0 (student right -> new teacher), position 1 predicts 1 (student
+# wrong -> old teacher), position 2 has no next label.
+LABELS = torch.tensor([[7, 0, 1]])
+
+
+def test_loss_by_hand():
+    # pos 0: T^2 * KL(p2 || q) = 4 * (.25 ln .5 + .5 ln 2) = ln 2;  pos 1: KL(p1 || q) = 0.
+    out = muscle_loss(STUDENT, OLD, NEW, LABELS)
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-12)
+    assert (out.tokens, out.follow_old) == (2, 1)
+
+
+def test_loss_with_cross_entropy_by_hand():
+    # CE at T=1 of logits 2 ln q: softmax = q^2 / sum q^2 = [2/3, 1/6, 1/6];
+    # 0.5 * (ln 1.5 + ln 6) = ln 3, so the total is ln 2 + ln 3 = ln 6.
+    out = muscle_loss(STUDENT, OLD, NEW, LABELS, ce_weight=0.5)
+    assert out.loss.item() == pytest.approx(math.log(6), abs=1e-12)
+
+
+def test_temperature_squared_factor():
+    # Same logits at T=4: softmax(z/4) = sqrt(p) normalised; 16 * KL by hand.
+    def soft(p):
+        r = torch.tensor(p, dtype=torch.float64).sqrt()
+        return r / r.sum()
+    p2, q = soft([.25, .5, .25]), soft([.5, .25, .25])
+    p1 = soft([.5, .25, .25])
+    expected = 16 * ((p2 * (p2 / q).log()).sum() + (p1 * (p1 / q).log()).sum())
+    out = muscle_loss(STUDENT, OLD, NEW, LABELS, temperature=4.0)
+    assert out.loss.item() == pytest.approx(expected.item(), abs=1e-12)
+
+
+def test_ignore_index_drops_positions():
+    labels = torch.tensor([[7, -100, 1]])  # only position 1 counts: follows old, KL = 0
+    out = muscle_loss(STUDENT, OLD, NEW, labels)
+    assert (out.loss.item(), out.tokens, out.follow_old) == (0.0, 1, 1)
+    labels = torch.tensor([[7, 0, -100]])
+    out = muscle_loss(STUDENT, OLD, NEW, labels)
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-12)
+    assert (out.tokens, out.follow_old) == (1, 0)
+
+
+# Mask tests: aligned logits [1, 3, 3], labels [1, 3].
+S = torch.tensor([[[3., 0, 0], [0, 3, 0], [0, 0, 3]]])   # student argmax 0, 1, 2
+O = torch.tensor([[[0., 3, 0], [0, 3, 0], [3, 0, 0]]])   # old argmax 1, 1, 0
+N = torch.zeros(1, 3, 3)
+Y = torch.tensor([[0, 0, 0]])
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("student_correct", [False, True, True]),   # student right only at position 0
+    ("old_correct", [False, False, True]),      # old right only at position 2
+    ("token_likelihood", [False, False, True]),  # p_c(0) < p_1(0) only at 2 (equal at 1)
+    ("none", [True, True, True]),
+])
+def test_token_masks_by_hand(name, expected):
+    assert MASKS[name](S, O, N, Y).tolist() == [expected]
+
+
+def test_instance_likelihood_mask_by_hand():
+    # Row 0: student puts 3 on the label twice, old once -> student more likely -> new teacher.
+    # Row 1: the reverse -> old teacher for the whole row. Ignored positions do not vote.
+    student = torch.tensor([[[3., 0], [3, 0], [0, 0]], [[0., 3], [3, 0], [0, 9]]])
+    old = torch.tensor([[[3., 0], [0, 3], [0, 9]], [[3., 0], [3, 0], [0, 0]]])
+    labels = torch.tensor([[0, 0, -100], [0, 0, -100]])
+    mask = MASKS["instance_likelihood"](student, old, old, labels)
+    assert mask.tolist() == [[False] * 3, [True] * 3]
+
+
+def test_unknown_mask_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown MUSCLE mask 'nope'.*student_correct"):
+        muscle_loss(STUDENT, OLD, NEW, LABELS, mask="nope")
+
+
+def random_case(seed=0, batch=3, length=7, vocab=5):
+    g = torch.Generator().manual_seed(seed)
+    s, o, n = (torch.randn(batch, length, vocab, generator=g, dtype=torch.float64) for _ in range(3))
+    labels = torch.randint(0, vocab, (batch, length), generator=g)
+    labels[0, -2:] = -100  # right padding
+    return s, o, n, labels
+
+
+def test_all_correct_is_distillation_from_new_and_none_correct_from_old():
+    s, o, n, _ = random_case()
+    right = torch.cat([torch.zeros(3, 1, dtype=torch.long), s[:, :-1].argmax(-1)], 1)
+    wrong = (right + 1) % 5
+    all_new = muscle_loss(s, o, n, right)
+    assert all_new.follow_old == 0
+    assert all_new.loss.item() == pytest.approx(muscle_loss(s, n, o, right, mask="none").loss.item())
+    none_new = muscle_loss(s, o, n, wrong)
+    assert none_new.follow_old == none_new.tokens == 18
+    assert none_new.loss.item() == pytest.approx(muscle_loss(s, o, n, wrong, mask="none").loss.item())
+
+
+def test_gradient_reaches_only_the_student():
+    s, o, n, labels = random_case()
+    s.requires_grad_(), o.requires_grad_(), n.requires_grad_()
+    muscle_loss(s, o, n, labels, ce_weight=0.5).loss.backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert o.grad is None and n.grad is None
+    # Padded positions and the last position (no next label) get exactly zero gradient.
+    assert s.grad[0, -3:].abs().sum() == 0 and s.grad[:, -1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("mask", sorted(MASKS))
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_chunked_equals_unchunked(mask, chunk_size):
+    torch.manual_seed(0)
+    batch, length, hidden, vocab = 3, 6, 8, 11
+    heads = [torch.nn.Linear(hidden, vocab, dtype=torch.float64) for _ in range(3)]
+    hs = torch.randn(batch, length, hidden, dtype=torch.float64, requires_grad=True)
+    ho, hn = torch.randn(2, batch, length, hidden, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (batch, length))
+    labels[1, 3:] = -100
+    kwargs = dict(mask=mask, temperature=3.0, ce_weight=0.3)
+
+    full = muscle_loss(heads[0](hs), heads[1](ho), heads[2](hn), labels, **kwargs)
+    grads_full = torch.autograd.grad(full.loss, [hs, heads[0].weight])
+    chunked = muscle_loss_chunked(hs, ho, hn, heads, labels, chunk_size=chunk_size, **kwargs)
+    grads_chunked = torch.autograd.grad(chunked.loss, [hs, heads[0].weight])
+
+    assert chunked.loss.item() == pytest.approx(full.loss.item(), rel=1e-12)
+    assert (chunked.tokens, chunked.follow_old) == (full.tokens, full.follow_old) != (0, 0)
+    for a, b in zip(grads_chunked, grads_full):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert heads[1].weight.grad is None and heads[2].weight.grad is None
+
+
+def test_chunked_packs_only_real_tokens():
+    """Padding is never projected: the student head sees exactly the real label positions."""
+    seen = []
+    head = torch.nn.Linear(4, 5)
+    def spy(h):
+        seen.append(h.shape[1])
+        return head(h)
+    h = torch.randn(2, 5, 4)
+    labels = torch.tensor([[1, 2, 3, -100, -100], [1, 2, 3, 4, 0]])
+    out = muscle_loss_chunked(h, h, h, [spy, head, head], labels, chunk_size=3)
+    assert out.tokens == 2 + 4 and seen == [3, 3]
+
+
+def test_causal_lm_loss_is_summed_shifted_cross_entropy():
+    s, _, _, labels = random_case()
+    out = causal_lm_loss(s, labels)
+    ref = torch.nn.functional.cross_entropy(s[:, :-1].reshape(-1, 5), labels[:, 1:].reshape(-1))
+    assert out.tokens == 16
+    assert out.loss.item() == pytest.approx(ref.item() * 16, rel=1e-12)
+
+
+def test_masks_table_functions_are_the_module_functions():
+    assert MASKS["student_correct"] is muscle.student_correct
+    assert muscle.SEQUENCE_MASKS <= set(MASKS)
+
+
+def test_batch_without_label_tokens_still_backpropagates():
+    h = torch.randn(2, 4, 3, requires_grad=True)
+    head = torch.nn.Linear(3, 5)
+    out = muscle_loss_chunked(h, h, h, [head] * 3, torch.full((2, 4), -100))
+    out.loss.backward()
+    assert (out.loss.item(), out.tokens) == (0.0, 0) and h.grad.abs().sum() == 0
