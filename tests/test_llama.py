@@ -1,7 +1,8 @@
 """llama.py against transformers' LlamaForCausalLM on tiny random checkpoints (float32 logits)."""
 import pytest
 import torch
-from fake_hub import LLAMA3_ROPE, save_checkpoint, tiny_hf_model
+from fake_hub import (LLAMA3_ROPE, check_kv_cache_equals_full_forward, check_left_padded_generation_equals_alone,
+                      check_padded_batch_equals_alone, max_logit_diff, save_checkpoint, tiny_hf_model)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import llama
@@ -25,11 +26,8 @@ def pair(request, tmp_path_factory):
 
 def test_logits_match_transformers(pair):
     hf, ours = pair
-    ids = torch.randint(0, 160, (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        diff = (ours(ids) - hf(ids).logits).abs().max().item()
-    assert diff < 1e-4
-    assert isinstance(ours, llama.LlamaForCausalLM) and ours(ids).dtype == torch.float32
+    assert isinstance(ours, llama.LlamaForCausalLM)
+    assert max_logit_diff(hf, ours) < 1e-4
 
 
 def test_state_dict_keys_equal_transformers(pair):
@@ -50,52 +48,15 @@ def test_tied_embeddings_share_one_tensor(tmp_path):
 
 
 def test_kv_cache_token_by_token_equals_full_forward(pair):
-    _, ours = pair
-    ids = torch.randint(0, 160, (2, 10), generator=torch.Generator().manual_seed(2))
-    cache = ours.new_cache(batch_size=2, max_len=16)
-    with torch.no_grad():
-        full = ours(ids)
-        prefill = ours(ids[:, :4], cache=cache)  # a prompt, then one token at a time
-        steps = [ours(ids[:, t:t + 1], cache=cache) for t in range(4, 10)]
-    assert cache.length == 10
-    torch.testing.assert_close(torch.cat([prefill, *steps], 1), full, rtol=0, atol=1e-5)
+    check_kv_cache_equals_full_forward(pair[1])
 
 
 def test_padded_batch_equals_each_sequence_alone(pair):
-    """Right padding (training/scoring) and left padding (generation), with and without a cache."""
-    _, ours = pair
-    gen = torch.Generator().manual_seed(3)
-    seqs = [torch.randint(0, 160, (n,), generator=gen) for n in (9, 5)]
-    alone = [ours(s[None])[0] for s in seqs]
-    for side in ("right", "left"):
-        ids = torch.zeros(2, 9, dtype=torch.long)
-        mask = torch.zeros(2, 9, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            span = slice(0, len(s)) if side == "right" else slice(9 - len(s), 9)
-            ids[i, span], mask[i, span] = s, 1
-        with torch.no_grad():
-            logits = ours(ids, attention_mask=mask)
-        assert not logits.isnan().any()
-        for i, s in enumerate(seqs):
-            torch.testing.assert_close(logits[i][mask[i].bool()], alone[i], rtol=0, atol=1e-5)
+    check_padded_batch_equals_alone(pair[1])
 
 
 def test_left_padded_generation_with_cache_equals_alone(pair):
-    _, ours = pair
-    gen = torch.Generator().manual_seed(4)
-    short, long_ = torch.randint(0, 160, (3,), generator=gen), torch.randint(0, 160, (6,), generator=gen)
-    nxt = torch.randint(0, 160, (2, 2), generator=gen)
-    ids = torch.stack([torch.cat([torch.zeros(3, dtype=torch.long), short]), long_])
-    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6])
-    cache = ours.new_cache(2, 8)
-    with torch.no_grad():
-        ours(ids, attention_mask=mask, cache=cache)
-        for t in range(2):
-            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-            step = ours(nxt[:, t:t + 1], attention_mask=mask, cache=cache)[:, 0]
-        for i, prompt in enumerate((short, long_)):
-            expected = ours(torch.cat([prompt, nxt[i]])[None])[0, -1]
-            torch.testing.assert_close(step[i], expected, rtol=0, atol=1e-5)
+    check_left_padded_generation_equals_alone(pair[1])
 
 
 def test_llama3_inv_freq_equals_transformers():
