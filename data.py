@@ -23,6 +23,8 @@ Prompts, exactly as the harness v0.4.3 builds them (EVAL_FORMATS.md):
   in spaces and a few in "\\r\\n" or "\\n\\n", which would teach the model to emit the stop string.
   ROUGE tokenises on words, so the raw reference scores the same. SAMSum's one empty train
   dialogue (id 13828807) is kept as the corpus has it.
+Few-shot (`add_fewshot`): the harness's k-shot prompts, shots drawn from the train split with one
+`random.Random(1234)` across the documents in order, each shot context + target + "\n\n".
 
 Training (paper section 5, appendix A.1): `training_pair` gives (context, target), the loss is on
 every token by default (`mask_context` masks the context), `split_train_val` makes the seeded
