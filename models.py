@@ -17,6 +17,7 @@ from torch import nn
 
 import llama
 import phi
+from tokenizer import Tokenizer, load_tokenizer_dir
 
 REGISTRY: dict[str, str] = {
     "llama1": "huggyllama/llama-7b",
@@ -149,6 +150,11 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | None = None,
     load_weights(model, files, dtype, device)
     model.to(device)  # non-persistent buffers (RoPE inv_freq) were built on the CPU
     return model.eval()
+
+
+def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
+    """The tokenizer of a registry name, local checkpoint dir or hub repo id (see tokenizer.py)."""
+    return load_tokenizer_dir(resolve(name_or_path))
 
 
 def resolve(name_or_path: str | Path) -> Path:

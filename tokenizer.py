@@ -1,0 +1,143 @@
+"""Tokenizers of Hugging Face checkpoints without transformers: `tokenizer.json` through the `tokenizers`
+library, else `tokenizer.model` through `sentencepiece`.
+
+BOS/EOS follow the checkpoint's own files, because log-likelihood scoring and generation (PAPER.md
+Sec. 4, evaluation) must see exactly the tokens the model was trained with: Llama prepends BOS
+(`add_bos_token: true` in tokenizer_config.json, or a BOS template in tokenizer.json's post-processor
+for Llama 3); Phi's GPT-2 style tokenizer adds nothing.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+class _Backend(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+    def token_id(self, token: str) -> int | None: ...
+    def prepends(self, token_id: int) -> bool: ...
+    def builtin_ids(self) -> tuple[int | None, int | None]: ...
+
+
+class _HFTokenizers:
+    """tokenizer.json via the `tokenizers` library. Special tokens are added by Tokenizer, not here."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self.tok = RustTokenizer.from_file(str(path))
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def prepends(self, token_id: int) -> bool:
+        """Whether the file's post-processor puts `token_id` first (Llama 3 declares BOS only there)."""
+        return self.tok.encode("a", add_special_tokens=True).ids[:1] == [token_id]
+
+    def builtin_ids(self) -> tuple[int | None, int | None]:
+        return None, None  # tokenizer.json does not say which added token is BOS/EOS
+
+
+class _SentencePiece:
+    """tokenizer.model via `sentencepiece` (Llama 1/2 and Vicuna ship one)."""
+
+    def __init__(self, path: Path):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        special = {self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()}
+        return self.sp.decode([i for i in ids if i not in special])
+
+    def token_id(self, token: str) -> int | None:
+        i = self.sp.piece_to_id(token)
+        return None if i == self.sp.unk_id() and token != self.sp.id_to_piece(i) else i
+
+    def prepends(self, token_id: int) -> bool:
+        return True  # LlamaTokenizer's default add_bos_token=True, used when tokenizer_config is silent
+
+    def builtin_ids(self) -> tuple[int | None, int | None]:
+        """BOS/EOS as trained into the model file (-1 = none)."""
+        return tuple(i if i >= 0 else None for i in (self.sp.bos_id(), self.sp.eos_id()))
+
+
+class Tokenizer:
+    """encode/decode with the checkpoint's BOS convention (contract in INTERFACES.md).
+
+    `decode` skips special tokens (BOS/EOS/pad), which is what generated text needs.
+    """
+
+    def __init__(self, backend: _Backend, bos_id: int | None, eos_id: int | None, pad_id: int, add_bos: bool):
+        self.backend = backend
+        self.bos_id, self.eos_id, self.pad_id, self.add_bos = bos_id, eos_id, pad_id, add_bos
+        self.vocab_size = backend.vocab_size
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; add_bos None follows the checkpoint (Llama: BOS first, Phi: none)."""
+        bos = self.add_bos if add_bos is None else add_bos
+        prefix = [self.bos_id] if bos and self.bos_id is not None else []
+        return prefix + self.backend.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(list(ids))
+
+
+def load_tokenizer_dir(ckpt_dir: Path) -> Tokenizer:
+    """The tokenizer of a checkpoint directory (tokenizer.json preferred, else tokenizer.model)."""
+    if (ckpt_dir / "tokenizer.json").is_file():
+        backend: _Backend = _HFTokenizers(ckpt_dir / "tokenizer.json")
+    elif (ckpt_dir / "tokenizer.model").is_file():
+        backend = _SentencePiece(ckpt_dir / "tokenizer.model")
+    else:
+        raise FileNotFoundError(
+            f"{ckpt_dir} has no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer files of "
+            "the original repo into it"
+        )
+    settings = _special_token_settings(ckpt_dir)
+    bos_id, eos_id, pad_id = (_token_id(backend, settings.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
+    builtin_bos, builtin_eos = backend.builtin_ids()
+    bos_id = builtin_bos if bos_id is None else bos_id
+    eos_id = builtin_eos if eos_id is None else eos_id
+    add_bos = settings.get("add_bos_token")
+    if add_bos is None:
+        add_bos = bos_id is not None and backend.prepends(bos_id)
+    return Tokenizer(backend, bos_id, eos_id, _first_int(pad_id, eos_id, 0), bool(add_bos) and bos_id is not None)
+
+
+def _special_token_settings(ckpt_dir: Path) -> dict[str, Any]:
+    """tokenizer_config.json over special_tokens_map.json (transformers reads both)."""
+    settings: dict[str, Any] = {}
+    for name in reversed(CONFIG_FILES):
+        path = ckpt_dir / name
+        if path.is_file():
+            settings.update({k: v for k, v in json.loads(path.read_text()).items() if v is not None})
+    return settings
+
+
+def _token_id(backend: _Backend, token: str | dict | None) -> int | None:
+    """Id of a special token given as a string or an AddedToken dict ({"content": ...})."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return backend.token_id(token) if token else None
+
+
+def _first_int(*values: int | None) -> int:
+    return next(v for v in values if v is not None)
