@@ -158,34 +158,72 @@ def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
 
 
 def resolve(name_or_path: str | Path) -> Path:
-    """A registry name, a local directory, a toy model name or a hub repo id -> a local checkpoint dir."""
+    """A local directory, a registry name, a hub repo id (org/name) or a toy model name -> a local
+    checkpoint dir (downloaded or built on first use)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     name = str(name_or_path)
     if name in REGISTRY:
         return download(REGISTRY[name])
-    toy = _toy_models()
-    if toy is not None and name in toy.TOY_MODELS:
-        return Path(toy.ensure_model(name))
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return download(name)
-    known = sorted(REGISTRY) + sorted(toy.TOY_MODELS if toy is not None else [])
+    toy_models = _toy_models()
+    if name in toy_models:
+        return Path(toy_models[name](name))
     raise ValueError(
         f"unknown model {name!r}: not a directory, a registry name or a hub repo id (org/name). "
-        f"Known names: {', '.join(known)}"
+        f"Known names: {', '.join(sorted(REGISTRY) + sorted(toy_models))}"
     )
 
 
-def _toy_models():
-    """The toy-model module, imported lazily (it builds checkpoints on first use) or None if absent."""
+def _toy_models() -> dict[str, Any]:
+    """Toy model name -> builder, from toy.py, imported only when needed (it builds checkpoints on first
+    use); empty when toy.py is absent."""
     try:
         import toy
     except ImportError:
-        return None
-    return toy
+        return {}
+    return {name: toy.ensure_model for name in getattr(toy, "TOY_MODELS", ())}
+
+
+# Files a checkpoint needs from the hub (DESIGN.md: "only the files needed"); weights are chosen below.
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+             "tokenizer_config.json", "special_tokens_map.json"]
+SAFETENSORS_FILES = ["model*.safetensors", "model.safetensors.index.json"]
+BIN_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
 
 def download(repo_id: str) -> Path:
-    """Hub download placeholder: replaced by the huggingface_hub path in the next commit."""
-    raise NotImplementedError(f"hub downloads are not implemented yet ({repo_id})")
+    """Download config, tokenizer and weights of a hub repo into the HF cache; return the snapshot dir.
+
+    Weights are safetensors when the repo has them, else `.bin` (e.g. lmsys/vicuna-7b-v1.3), never
+    both; other files (flax/tf weights, Meta's original/ folder) are not fetched.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES + SAFETENSORS_FILES))
+        if not any(path.glob("model*.safetensors")):
+            path = Path(snapshot_download(repo_id, allow_patterns=BIN_FILES))
+    except GatedRepoError as e:
+        raise PermissionError(_login_help(repo_id, "is gated")) from e
+    except RepositoryNotFoundError as e:
+        raise ValueError(f"hub repo {repo_id!r} not found; {_login_help(repo_id, 'if it is private')}") from e
+    except HfHubHTTPError as e:
+        if e.response is not None and e.response.status_code in (401, 403):
+            raise PermissionError(_login_help(repo_id, "needs authentication")) from e
+        raise
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"cannot download {repo_id!r} and it is not in the Hugging Face cache (offline? HF_HUB_OFFLINE set?)"
+        ) from e
+    return path
+
+
+def _login_help(repo_id: str, why: str) -> str:
+    return (
+        f"hub repo {repo_id!r} {why}: accept its licence on https://huggingface.co/{repo_id} with your account, "
+        "then log in with `hf auth login` (or set HF_TOKEN to an access token) and run again"
+    )

@@ -1,6 +1,11 @@
-"""Test helpers: tiny random Hugging Face checkpoints (transformers as the oracle) and a local fake hub."""
+"""Test helpers: tiny random Hugging Face checkpoints (transformers as the oracle), checks shared by the
+Llama and Phi tests, and a local fake of the Hugging Face hub (no network)."""
 from __future__ import annotations
 
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
@@ -88,3 +93,116 @@ def check_left_padded_generation_equals_alone(model: torch.nn.Module) -> None:
     for i, prompt in enumerate((short, long_)):
         expected = model(torch.cat([prompt, nxt[i]])[None])[0, -1]
         torch.testing.assert_close(step[i], expected, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------- fake hub
+class FakeHub:
+    """A threaded HTTP server on 127.0.0.1 answering the requests huggingface_hub's snapshot_download
+    makes (repo info, recursive tree listing, HEAD + GET of /{repo}/resolve/{sha}/{file}) from local
+    directories. `downloads` records every file GET, so tests can assert what was fetched.
+    """
+
+    def __init__(self):
+        self.repos: dict[str, Path] = {}
+        self.denied: dict[str, int] = {}  # repo id -> HTTP status of a gated answer (401 or 403)
+        self.downloads: list[tuple[str, str]] = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def add_repo(self, repo_id: str, directory: Path, gated_status: int | None = None) -> None:
+        self.repos[repo_id] = Path(directory)
+        if gated_status:
+            self.denied[repo_id] = gated_status
+
+    def fetched(self, repo_id: str) -> set[str]:
+        return {f for r, f in self.downloads if r == repo_id}
+
+    @staticmethod
+    def sha(repo_id: str) -> str:
+        return hashlib.sha1(repo_id.encode()).hexdigest()
+
+    def __enter__(self) -> "FakeHub":
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _make_handler(hub: FakeHub):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # keep pytest output clean
+            pass
+
+        def do_HEAD(self):
+            self._answer(body=False)
+
+        def do_GET(self):
+            self._answer(body=True)
+
+        def _answer(self, body: bool) -> None:
+            parts = self.path.split("?")[0].strip("/").split("/")
+            if parts[:2] == ["api", "models"]:
+                repo_id, rest = "/".join(parts[2:4]), parts[4:]
+            else:
+                repo_id, rest = "/".join(parts[:2]), parts[2:]
+            if repo_id not in hub.repos:
+                return self._send(404, b"", {"X-Error-Code": "RepoNotFound"})
+            if repo_id in hub.denied:
+                return self._send(hub.denied[repo_id], b"", {"X-Error-Code": "GatedRepo",
+                                                             "X-Error-Message": "Access to this model is restricted"})
+            root, sha = hub.repos[repo_id], hub.sha(repo_id)
+            files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+            if rest[:1] == ["revision"]:
+                info = {"id": repo_id, "sha": sha, "siblings": [{"rfilename": f} for f in files]}
+                return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
+            if rest[:1] == ["tree"]:
+                tree = [{"type": "file", "path": f, "size": (root / f).stat().st_size,
+                         "oid": hashlib.sha1((root / f).read_bytes()).hexdigest()} for f in files]
+                return self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"})
+            name = "/".join(rest[2:])
+            if rest[:1] != ["resolve"] or name not in files:
+                return self._send(404, b"", {"X-Error-Code": "EntryNotFound"})
+            data = (root / name).read_bytes()
+            if body:
+                hub.downloads.append((repo_id, name))
+            self._send(200, data if body else b"", {
+                "X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                "Content-Length": str(len(data))}, length=len(data))
+
+        def _send(self, status: int, data: bytes, headers: dict[str, str], length: int | None = None) -> None:
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            if "Content-Length" not in headers:
+                self.send_header("Content-Length", str(len(data) if length is None else length))
+            self.end_headers()
+            if data:
+                self.wfile.write(data)
+
+    return Handler
+
+
+def use_fake_hub(monkeypatch, hub: FakeHub, home: Path) -> None:
+    """Point huggingface_hub at `hub`, with its cache under `home` and no token."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+
+
+def write_word_tokenizer(directory: Path, add_bos: bool) -> None:
+    """A tiny word-level tokenizer.json with Llama-style special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>", "hello", "world", "the", "answer", "is", "42"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"add_bos_token": add_bos, "bos_token": "<s>", "eos_token": "</s>"}))
