@@ -117,13 +117,8 @@ def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, device
         for name, tensor in iter_tensors(path):
             if name.endswith("rotary_emb.inv_freq"):  # recomputed from the config; some old files carry it
                 continue
-            if name.startswith(("layers.", "transformer.")):
-                raise ValueError(
-                    f"{path}: outdated Phi checkpoint (MixFormer keys such as {name!r}); download the "
-                    "current revision of the repo (HF-native Phi layout, model.layers.*)"
-                )
             if name not in expected:
-                raise ValueError(f"{path}: unexpected tensor {name!r} for this model_type")
+                raise ValueError(_unexpected_tensor(path, name, model.config.model_type))
             shard[name] = tensor.to(device=device, dtype=dtype)
         model.load_state_dict(shard, strict=False, assign=True)
         seen.update(shard)
@@ -131,6 +126,13 @@ def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, device
     if missing:
         raise ValueError(f"checkpoint is missing tensors: {sorted(missing)[:5]} ({len(missing)} in all)")
     model.tie_weights()
+
+
+def _unexpected_tensor(path: Path, name: str, model_type: str) -> str:
+    if model_type == "phi" and name.startswith(("layers.", "transformer.")):
+        return (f"{path}: outdated Phi checkpoint (MixFormer keys such as {name!r}); download the current "
+                "revision of the repo (HF-native Phi layout, model.layers.*)")
+    return f"{path}: unexpected tensor {name!r} for model_type {model_type!r}"
 
 
 def load_model(name_or_path: str | Path, dtype: torch.dtype | None = None,

@@ -13,6 +13,7 @@ CONFIGS = {
     "gqa_llama3_rope": dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,
                             rms_norm_eps=1e-5),
     "tied": dict(tie_word_embeddings=True),
+    "linear_rope": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),  # vicuna-7b-v1.5-16k
 }
 
 

@@ -130,3 +130,17 @@ def test_missing_tokenizer_files(llama_dir):
     (llama_dir / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="no tokenizer"):
         models.load_tokenizer(llama_dir)
+
+
+def test_old_rotary_inv_freq_is_skipped_and_unknown_tensors_rejected(llama_dir, hf_llama):
+    """Older Llama checkpoints carry rotary_emb.inv_freq buffers: recomputed, so skipped (as litgpt and
+    torchtune do); any other unknown tensor means a wrong model_type and is an error."""
+    from safetensors.torch import load_file, save_file
+
+    path = llama_dir / "model.safetensors"
+    tensors = load_file(path)
+    save_file({**tensors, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}, path)
+    assert max_logit_diff(hf_llama, models.load_model(llama_dir)) < 1e-4
+    save_file({**tensors, "model.layers.0.mlp.fc1.weight": torch.ones(8)}, path)
+    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.mlp.fc1.weight' for model_type 'llama'"):
+        models.load_model(llama_dir)
