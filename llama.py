@@ -36,7 +36,7 @@ class RopeSettings:
     partial_rotary_factor: float = 1.0
 
 
-def rope_settings(hf: dict[str, Any]) -> RopeSettings:
+def rope_settings(hf: dict[str, Any], default_partial_rotary_factor: float = 1.0) -> RopeSettings:
     """Read RoPE settings from a HF config dict.
 
     Hub config.json files use `rope_theta` + `rope_scaling` (whose kind is under `rope_type`, or `type`
@@ -47,7 +47,7 @@ def rope_settings(hf: dict[str, Any]) -> RopeSettings:
     theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
-    partial = params.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    partial = params.pop("partial_rotary_factor", hf.get("partial_rotary_factor", default_partial_rotary_factor))
     if rope_type not in ("default", "linear", "llama3"):
         raise ValueError(
             f"RoPE scaling type {rope_type!r} is not supported (supported: default, linear, llama3)"

@@ -56,9 +56,7 @@ class PhiConfig:
         if hf.get("hidden_act", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"Phi hidden_act {hf['hidden_act']!r} is not supported (only 'gelu_new')")
         heads = hf["num_attention_heads"]
-        rope = rope_settings(hf)
-        if "partial_rotary_factor" not in hf and "partial_rotary_factor" not in (hf.get("rope_parameters") or {}):
-            rope.partial_rotary_factor = 0.5  # PhiConfig's default (phi-1 style)
+        rope = rope_settings(hf, default_partial_rotary_factor=0.5)  # PhiConfig's default (phi-1 style)
         return cls(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],

@@ -89,3 +89,9 @@ def test_old_mixformer_checkpoint_fails_loudly(tmp_path):
     (ckpt / "config.json").write_text(json.dumps({"model_type": "phi-msft"}))
     with pytest.raises(ValueError, match="outdated Phi checkpoint"):
         models.load_model(ckpt)
+
+
+def test_partial_rotary_factor_defaults_to_phi1_style_half():
+    cfg = phi.PhiConfig.from_hf({"vocab_size": 10, "hidden_size": 64, "intermediate_size": 8,
+                                 "num_hidden_layers": 1, "num_attention_heads": 4})
+    assert (cfg.rotary_dim, cfg.rope.theta) == (8, 10000.0)
