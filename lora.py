@@ -1,9 +1,9 @@
 """Hand-written LoRA (Hu et al., 2021) with several named adapters per model, and PEFT's file format.
 
-MUSCLE (PAPER.md, section 3 and appendix A.1) keeps two adapters on one copy of base v2: the new
-task adapter A2 (the frozen teacher) and the compatibility adapter Ac (the student, initialised as
-a copy of A2). So one `LoRALinear` holds any number of named adapters and applies the active one;
-switching adapters flips a name, the base weights are never copied.
+MUSCLE (paper section 4.1 and appendix A.1; PAPER.md) keeps two adapters on one copy of base v2:
+the new task adapter A2 (the frozen teacher) and the compatibility adapter Ac (the student,
+initialised as a copy of A2). So one `LoRALinear` holds any number of named adapters and applies
+the active one; switching adapters flips a name, the base weights are never copied.
 
 Adapters are saved in PEFT's on-disk format (`adapter_config.json` + `adapter_model.safetensors`
 with keys `base_model.model.<module path>.lora_A.weight`), so an adapter trained here loads in
@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -280,6 +281,11 @@ def merge_adapter(model: nn.Module, name: str) -> None:
     dtype) and make it active; forward then skips its LoRA branch. For inference on an unsharded
     model; float32 weights come back from unmerge_adapter to within rounding (~1e-7)."""
     layers = _layers_with(model, name)
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    tied = [path for path, layer in layers if uses[id(layer.weight)] > 1]
+    if tied:  # e.g. lm_head tied to the embeddings: merging would change the embeddings too
+        raise ValueError(f"cannot merge adapter {name!r}: {tied} share their weight with another "
+                         f"module (tied embeddings?); use the adapter unmerged")
     set_adapter(model, name)  # refuses if another adapter is merged
     for _, layer in layers:
         if layer.merged is None:
@@ -400,10 +406,7 @@ def _group_by_module(state: dict[str, torch.Tensor], linear: dict[str, nn.Module
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> None:
     """Load an adapter in PEFT's format (ours or PEFT's) as adapter `name`, wrapping the linear
     layers its keys name, and make it active."""
-    path = Path(path)
-    if name in adapter_names(model):
-        raise ValueError(f"the model already has an adapter named {name!r}; choose another name")
-    config, state = _read_adapter(path)
+    config, state = _read_adapter(Path(path))
     spec = AdapterSpec(int(config["r"]), config["lora_alpha"], float(config.get("lora_dropout", 0.0)),
                        config.get("target_modules") or [])
     modules = _group_by_module(state, dict(_linear_layers(model)), spec.rank)

@@ -172,6 +172,14 @@ def test_cannot_switch_away_from_a_merged_adapter():
         lora.unmerge_adapter(model, "b")
 
 
+def test_refuses_to_merge_into_a_tied_weight():
+    model = Toy()
+    model.layers[1].q_proj.weight = model.layers[0].q_proj.weight  # like lm_head tied to embeddings
+    lora.add_adapter(model, rank=2, targets=["layers.0.q_proj"])
+    with pytest.raises(ValueError, match=r"\['layers.0.q_proj'\] share their weight"):
+        lora.merge_adapter(model, "default")
+
+
 def test_switching_adapters_equals_loading_each_alone(tmp_path):
     model = Toy()
     bare = outputs(model, X)
@@ -306,8 +314,10 @@ def test_our_adapter_loads_in_peft(checkpoint, tmp_path):
     randomize(ours, "default", 0)
     lora.save_adapter(ours, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    bare = hf_logits(hf)
     peft_model = PeftModel.from_pretrained(hf, tmp_path).eval()
     assert (hf_logits(peft_model) - outputs(ours, IDS)).abs().max() < 1e-5
+    assert (hf_logits(peft_model) - bare).abs().max() > 0.1  # the adapter matters
 
 
 def test_peft_adapter_loads_here(checkpoint, tmp_path):
@@ -315,14 +325,15 @@ def test_peft_adapter_loads_here(checkpoint, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    bare = hf_logits(hf)
     config = LoraConfig(r=4, lora_alpha=6, target_modules="all-linear", init_lora_weights=False,
                         task_type="CAUSAL_LM")
     peft_model = get_peft_model(hf, config).eval()
     peft_model.save_pretrained(tmp_path)
     ours = models.load_model(checkpoint)
     lora.load_adapter(ours, tmp_path)
-    diff = (hf_logits(peft_model) - outputs(ours, IDS)).abs().max()
-    assert diff < 1e-5
+    assert (hf_logits(peft_model) - outputs(ours, IDS)).abs().max() < 1e-5
+    assert (hf_logits(peft_model) - bare).abs().max() > 0.1  # the adapter matters
     # our default targets are PEFT's "all-linear": the same trainable parameter count
     fresh = models.load_model(checkpoint)
     lora.add_adapter(fresh, rank=4)
