@@ -1,0 +1,129 @@
+"""torch.distributed for train.py: process group, FSDP2 sharding, activation checkpointing, reductions.
+
+One code path for every set-up: `python train.py` is world size 1 (no process group, plain
+modules on CPU); `torchrun --nproc_per_node N train.py` initialises NCCL on GPUs or gloo on CPU
+and shards every model with FSDP2 (`fully_shard`) per transformer block, then `lm_head`, then the
+root (ANCHORS lesson 5: FSDP2 shards each parameter, so frozen base weights and trainable LoRA
+weights can share a unit). On GPU, a single process is sharded too (world size 1), so that the
+frozen base can stay in bf16 while FSDP's mixed precision keeps fp32 master copies of the LoRA
+weights.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands: rank, world size, its device, and whether models get sharded."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    shard: bool = False
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 writes files, logs and shows progress."""
+        return self.rank == 0
+
+
+def setup(timeout_s: float = 600.0) -> Dist:
+    """Initialise the process group under torchrun (RANK in the environment), else a single process.
+
+    The timeout bounds how long a rank waits in a collective for a peer that died: torchrun then
+    tears the group down instead of hanging (issue 9).
+    """
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        if cuda:  # FSDP (for bf16 base + fp32 LoRA) needs a process group, here of one process
+            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+            return Dist(device=torch.device("cuda"), shard=True)
+        return Dist()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return Dist(dist.get_rank(), dist.get_world_size(), device, shard=True)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], env: Dist) -> list[float]:
+    """Sums of `values` over ranks (float64, so token counts stay exact)."""
+    if env.world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(env: Dist) -> None:
+    if env.world > 1:
+        dist.barrier()
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block in the backward pass instead of storing its activations.
+
+    The block's `forward` is wrapped in place (no wrapper module), so parameter names, and with
+    them the adapter's PEFT keys, do not change. Call before `shard` (ANCHORS lesson 5).
+    """
+    for layer in model.model.layers:
+        inner = layer.forward
+        layer.forward = lambda *args, _f=inner, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
+
+
+def shard(model: nn.Module, env: Dist) -> nn.Module:
+    """FSDP2 per transformer block, then lm_head (called on its own by the chunked loss), then root.
+
+    `hidden_states` is registered as a forward method, so calling it (rather than forward)
+    gathers the root's parameters (embeddings, final norm). On GPU the parameters are computed
+    in bf16 and gradients reduced in fp32; trainable parameters should be fp32 already.
+    """
+    if not env.shard:
+        return model.to(env.device)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(env.device.type, (env.world,))
+    policy = MixedPrecisionPolicy()
+    if env.device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model.lm_head, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    register_fsdp_forward_method(model, "hidden_states")
+    return model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on CPU; a sharded DTensor is gathered (every rank must call)."""
+    t = t.detach()
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.cpu()
+
+
+@torch.no_grad()
+def load_full(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a whole CPU tensor into `target`, which may be a sharded DTensor (this rank's shard)."""
+    if hasattr(target, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full.to(target.device_mesh.device_type), target.device_mesh,
+                                 target.placements)
+    target.copy_(full.to(dtype=target.dtype))
