@@ -1,0 +1,465 @@
+"""Evaluation: log-likelihood multiple choice, greedy generation, per-instance prediction records.
+
+MUSCLE's metrics (PAPER.md Sec. 3: negative flips, BTC, gain/regression rates) compare two models
+instance by instance, so evaluation writes one JSON line per instance; `python eval.py compare`
+turns two or three such files into the compatibility report (metrics.py).
+
+The paper evaluated with lm-evaluation-harness v0.4.3 (appendix A.3; ../shared/EVAL_FORMATS.md); the
+scoring here reproduces its rules:
+- multiple choice: one request (context, " " + choice) per choice, tokenised as the harness's
+  `_encode_pair`, scored by the sum of the continuation's log-probabilities; acc = argmax, acc_norm =
+  argmax of ll / len(choice in characters). No BOS by default (v0.4.3's causal-LM default, what the
+  paper used); `add_bos=True` (CLI `--add-bos`) prepends it as harness >= v0.4.10 does for Llama.
+- generation: greedy, left-padded batches, prompt left-truncated to max_length - max_new_tokens, stop
+  at EOS or a stop string, text cut at the first stop string, `no_repeat_ngram_size` as transformers.
+  The BOS choice applies to prompts too (v0.4.3 encodes them with the same setting).
+- GSM8K `correct` is strict-match ("#### N", the paper's "exact match of the final number");
+  flexible-extract is stored beside it (`correct_flexible`) and printed too.
+Precision: log-softmax in float32 and sums in float64 whatever the model's dtype (the harness
+takes log-softmax in the model's dtype), so a bfloat16 model's scores lose nothing more here.
+
+Speed: the default multiple-choice path runs each item's shared prefix (normally the context) once
+into a KV cache, copies the cache to the item's choices and scores all choices' remaining tokens in
+one batch; the plain path (one forward per choice) is kept as the reference it must equal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from tqdm import tqdm
+
+import data
+import lora
+import metrics
+import models
+
+
+# ------------------------------------------------------------------ log-likelihood requests
+@dataclass
+class Request:
+    """One (context, continuation) pair tokenised as the harness does.
+
+    `tokens` is the model input: (context tokens + continuation tokens) left-truncated to
+    max_length + 1, last token dropped; its last len(targets) positions predict `targets`.
+    """
+
+    tokens: list[int]
+    targets: list[int]
+
+    @property
+    def start(self) -> int:
+        """First input position whose logits are scored."""
+        return len(self.tokens) - len(self.targets)
+
+
+def encode_request(tokenizer: Any, context: str, continuation: str, add_bos: bool = False,
+                   max_length: int = 2048) -> Request:
+    """Tokenise like harness v0.4.3 `_encode_pair` + `_loglikelihood_tokens`.
+
+    Trailing spaces of the context move to the continuation; the continuation's tokens are those
+    of encode(context + continuation) after len(encode(context)), so a token that merges across the
+    boundary counts as continuation.
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    if context:
+        context_ids = tokenizer.encode(context, add_bos=add_bos)
+        targets = tokenizer.encode(context + continuation, add_bos=add_bos)[len(context_ids):]
+    else:  # the harness scores an empty context after the BOS (else EOS) token
+        context_ids = [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
+        targets = tokenizer.encode(continuation, add_bos=False)
+    if not 0 < len(targets) <= max_length:
+        raise ValueError(f"continuation {continuation!r} after context {context!r} encodes to {len(targets)} "
+                         f"tokens; scoring needs 1 to max_length={max_length}")
+    return Request((context_ids + targets)[-(max_length + 1):][:-1], targets)
+
+
+def _continuation_score(logits: torch.Tensor, targets: Sequence[int]) -> tuple[float, bool]:
+    """(sum of log p(target), every target is the argmax) from the logits that predict the targets."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    target = torch.tensor(targets, device=logits.device)
+    ll = logprobs.gather(-1, target[:, None]).double().sum().item()  # float64: float32 sums round at ~1e-4
+    return ll, bool((logprobs.argmax(-1) == target).all())
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_right(rows: Sequence[Sequence[int]], width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (pad 0: masked anyway) and the matching 0/1 attention mask."""
+    ids = torch.tensor([list(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+    return ids, mask
+
+
+def _score_plain(model: torch.nn.Module, request: Request) -> tuple[float, bool]:
+    """The reference path: one forward of one request, as the harness does with batch size 1."""
+    ids = torch.tensor([request.tokens], device=_device(model))
+    return _continuation_score(model(ids)[0, request.start:], request.targets)
+
+
+# ------------------------------------------------------------------ fast path: shared prefixes
+def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        if any(r[i] != rows[0][i] for r in rows[1:]):
+            return i
+    return n
+
+
+def _shared_prefix_len(requests: Sequence[Request]) -> int:
+    """Tokens all of an item's choices share and that run once; every choice keeps >= 1 own token.
+
+    The longest common prefix of the token inputs, not the context's length: tokenisation can merge
+    the context's last characters with the continuation, and choices often share their first words.
+    """
+    rows = [r.tokens for r in requests]
+    return min(_common_prefix_len(rows), min(len(r) for r in rows) - 1)
+
+
+def _expand_cache(model: torch.nn.Module, cache: Any, index: torch.Tensor, max_len: int) -> Any:
+    """A new cache whose row i holds the stored positions of `cache` row index[i], room for max_len."""
+    expanded = model.new_cache(len(index), max_len)
+    for dst, src in zip(expanded.keys + expanded.values, cache.keys + cache.values):
+        dst[:, :, :cache.length] = src[index, :, :cache.length]
+    expanded.length = cache.length
+    return expanded
+
+
+def _score_items_fast(model: torch.nn.Module, items: Sequence[Sequence[Request]]) -> list[list[tuple[float, bool]]]:
+    """Score several items' choices: prefixes in one batch, then all choices' rest in one batch.
+
+    Prefixes are right-padded into one cache; the choice rows' attention mask covers that padding
+    with zeros, so positions (cumsum of the mask) and attention equal each request run alone.
+    """
+    device = _device(model)
+    prefix_lens = [_shared_prefix_len(reqs) for reqs in items]
+    rows = [(j, r) for j, reqs in enumerate(items) for r in reqs]
+    width = max(prefix_lens)
+    suffix_width = max(len(r.tokens) - prefix_lens[j] for j, r in rows)
+    prefix_ids, prefix_mask = _pad_right([reqs[0].tokens[:p] for reqs, p in zip(items, prefix_lens)], width, device)
+    cache = model.new_cache(len(items), width)
+    # The prefix's last position (at least) is scored: it predicts the first continuation token.
+    # Keep hidden states and project only the scored rows, not full-vocabulary logits of the prefix.
+    hidden = model.hidden_states(prefix_ids, prefix_mask, cache) if width else None
+    index = torch.tensor([j for j, _ in rows], device=device)
+    choice_cache = _expand_cache(model, cache, index, width + suffix_width)
+    suffix_ids, suffix_mask = _pad_right([r.tokens[prefix_lens[j]:] for j, r in rows], suffix_width, device)
+    logits = model(suffix_ids, torch.cat([prefix_mask[index], suffix_mask], dim=1), choice_cache)
+    scores: list[list[tuple[float, bool]]] = [[] for _ in items]
+    for row, (j, r) in enumerate(rows):
+        p = prefix_lens[j]
+        parts = [logits[row, max(r.start - p, 0):len(r.tokens) - p]]
+        if r.start < p:
+            parts.insert(0, model.lm_head(hidden[j, r.start:p]))
+        scores[j].append(_continuation_score(torch.cat(parts), r.targets))
+    return scores
+
+
+def _batches_by_rows(order: Sequence[int], sizes: Sequence[int], max_rows: int) -> Iterable[list[int]]:
+    """Consecutive groups of `order` whose sizes sum to at most max_rows (at least one per group)."""
+    group: list[int] = []
+    rows = 0
+    for i in order:
+        if group and rows + sizes[i] > max_rows:
+            yield group
+            group, rows = [], 0
+        group.append(i)
+        rows += sizes[i]
+    if group:
+        yield group
+
+
+# ------------------------------------------------------------------ multiple choice
+@torch.inference_mode()
+def score_requests(model: torch.nn.Module, requests: Sequence[Sequence[Request]], batch_size: int = 32,
+                   fast: bool = True, progress: bool = False) -> list[list[tuple[float, bool]]]:
+    """(log-likelihood, is_greedy) per request of each item; `batch_size` counts choice rows.
+
+    Items are sorted longest first (as the harness does, so memory errors come early) and packed
+    into batches of at most `batch_size` choices.
+    """
+    if not fast:
+        return [[_score_plain(model, r) for r in reqs] for reqs in tqdm(requests, disable=not progress)]
+    lengths = [max(len(r.tokens) for r in reqs) for reqs in requests]
+    order = sorted(range(len(requests)), key=lambda i: -lengths[i])
+    results: list[list[tuple[float, bool]]] = [[] for _ in requests]
+    groups = list(_batches_by_rows(order, [len(reqs) for reqs in requests], batch_size))
+    for group in tqdm(groups, desc="scoring", disable=not progress):
+        for i, scores in zip(group, _score_items_fast(model, [requests[i] for i in group])):
+            results[i] = scores
+    return results
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """First index of the maximum (numpy's argmax, as the harness uses)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def choice_record(item: Any, scores: Sequence[tuple[float, bool]]) -> dict[str, Any]:
+    """Prediction record of one multiple-choice item (harness acc and acc_norm)."""
+    lls = [ll for ll, _ in scores]
+    pred = _argmax(lls)
+    pred_norm = _argmax([ll / len(c) for ll, c in zip(lls, item.choices)])
+    return {
+        "prediction": pred, "correct": pred == item.gold, "score": float(pred == item.gold),
+        "gold": item.gold, "loglikelihoods": lls, "is_greedy": [g for _, g in scores],
+        "acc_norm_prediction": pred_norm, "correct_norm": pred_norm == item.gold,
+    }
+
+
+def score_choices(model: torch.nn.Module, tokenizer: Any, items: Sequence[Any], batch_size: int = 32,
+                  add_bos: bool = False, fast: bool = True, max_length: int | None = None,
+                  progress: bool = False) -> list[dict[str, Any]]:
+    """Score `data.MultipleChoice` items; one record per item (see `choice_record`).
+
+    max_length defaults to the model's max_position_embeddings (the harness's max_length).
+    """
+    max_length = max_length or model.config.max_position_embeddings
+    requests = [[encode_request(tokenizer, it.context, " " + c, add_bos, max_length) for c in it.choices]
+                for it in items]
+    scores = score_requests(model, requests, batch_size, fast, progress)
+    return [{"id": it.id, **choice_record(it, s)} for it, s in zip(items, scores)]
+
+
+# ------------------------------------------------------------------ greedy generation
+class NGramBlocker:
+    """transformers' NoRepeatNGramLogitsProcessor for one sequence, kept up to date token by token.
+
+    Over the whole sequence (prompt included, padding excluded), every token that followed the
+    current last n-1 tokens anywhere before is banned. Padding is excluded so a sequence generates
+    the same text in any batch; transformers counts left pads too, which only matters if the model
+    generates the pad token without it being EOS.
+    """
+
+    def __init__(self, n: int, tokens: Sequence[int]):
+        self.n = n
+        self.tokens: list[int] = []
+        self.followers: dict[tuple[int, ...], set[int]] = {}
+        for t in tokens:
+            self.append(t)
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+        if len(self.tokens) >= self.n:
+            self.followers.setdefault(tuple(self.tokens[len(self.tokens) - self.n:-1]), set()).add(token)
+
+    def banned(self) -> list[int]:
+        if len(self.tokens) + 1 < self.n:
+            return []
+        return list(self.followers.get(tuple(self.tokens[len(self.tokens) - self.n + 1:]), ()))
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Text before the earliest occurrence of any stop string (the harness splits on each)."""
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+def _pick_next(logits: torch.Tensor, blockers: Sequence[NGramBlocker | None]) -> torch.Tensor:
+    """Greedy choice after the n-gram bans; argmax takes the first maximum, as transformers."""
+    scores = logits.float()
+    for row, blocker in enumerate(blockers):
+        if blocker is not None:
+            scores[row, blocker.banned()] = float("-inf")
+    return scores.argmax(-1)
+
+
+def _generate_batch(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                    stop: Sequence[str], no_repeat_ngram_size: int) -> list[list[int]]:
+    """Greedy decoding of one left-padded batch with the KV cache; new tokens per row, EOS excluded.
+
+    A row stops at EOS or once its decoded continuation contains a stop string; the batch stops
+    when every row has (finished rows keep feeding the pad token, their output ignored).
+    """
+    device = _device(model)
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_id
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    blockers = [NGramBlocker(no_repeat_ngram_size, p) if no_repeat_ngram_size else None for p in prompts]
+    new: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    cache = model.new_cache(len(prompts), width + max_new_tokens)
+    logits = model(ids, mask, cache)[:, -1]
+    for step in range(max_new_tokens):
+        next_ids = _pick_next(logits, [None if d else b for d, b in zip(done, blockers)])
+        for row, token in enumerate(next_ids.tolist()):
+            if done[row]:
+                next_ids[row] = pad
+            elif token == tokenizer.eos_id:
+                done[row] = True
+            else:
+                new[row].append(token)
+                if blockers[row] is not None:
+                    blockers[row].append(token)
+                done[row] = any(s in tokenizer.decode(new[row]) for s in stop)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        logits = model(next_ids[:, None], mask, cache)[:, -1]
+    return new
+
+
+@torch.inference_mode()
+def generate_ids(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 stop: Sequence[str] = (), no_repeat_ngram_size: int = 0, batch_size: int = 8,
+                 progress: bool = False) -> list[list[int]]:
+    """Greedy continuations (token ids, EOS excluded) of tokenised prompts, longest prompts batched first."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for group in tqdm(groups, desc="generating", disable=not progress):
+        batch = _generate_batch(model, tokenizer, [prompts[i] for i in group], max_new_tokens, stop,
+                                no_repeat_ngram_size)
+        for i, tokens in zip(group, batch):
+            out[i] = tokens
+    return out
+
+
+def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+             stop: Sequence[str] = (), no_repeat_ngram_size: int = 0, batch_size: int = 8,
+             add_bos: bool = False, max_length: int | None = None, progress: bool = False) -> list[str]:
+    """Greedy continuations of text prompts, cut at the first stop string.
+
+    Prompts are left-truncated to max_length - max_new_tokens tokens, as the harness does.
+    """
+    max_length = max_length or model.config.max_position_embeddings
+    budget = max_length - max_new_tokens
+    if budget <= 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt (max_length={max_length})")
+    ids = [tokenizer.encode(p, add_bos=add_bos)[-budget:] for p in prompts]
+    outputs = generate_ids(model, tokenizer, ids, max_new_tokens, stop, no_repeat_ngram_size, batch_size, progress)
+    return [cut_at_stop(tokenizer.decode(t), stop) for t in outputs]
+
+
+# ------------------------------------------------------------------ tasks: records and metrics
+def generation_record(metric: str, item: Any, text: str) -> dict[str, Any]:
+    """Prediction record of one generated text, scored against any of the item's references.
+
+    GSM8K ("exact_match"): both harness filters are stored; `correct` is strict-match (the
+    "#### N" answer the paper scores, appendix A.3, and the format the task adapter is trained to
+    write), `correct_flexible` the flexible-extract variant. SAMSum ("rouge1"): score = ROUGE-1 F,
+    correct = None (a continuous metric: the report uses gain/regression rates, PAPER.md Sec. 3).
+    """
+    record: dict[str, Any] = {"prediction": text, "reference": item.references[0]}
+    if metric == "exact_match":
+        strict, flexible = metrics.extract_strict(text), metrics.extract_flexible(text)
+        correct = any(metrics.exact_match(strict, r) for r in item.references)
+        record.update(correct=correct, score=float(correct), extracted_strict=strict,
+                      extracted_flexible=flexible,
+                      correct_flexible=any(metrics.exact_match(flexible, r) for r in item.references))
+    elif metric == "rouge1":
+        record.update(correct=None, score=max(metrics.rouge1(text, r) for r in item.references))
+    else:
+        raise ValueError(f"unknown generation metric {metric!r} (known: exact_match, rouge1)")
+    return record
+
+
+def evaluate(model: torch.nn.Module, tokenizer: Any, task: str | data.Task, items: Sequence[Any], batch_size: int = 8,
+             limit: int | None = None, num_fewshot: int = 0, fewshot_items: Sequence[Any] = (),
+             add_bos: bool = False, fast: bool = True, max_length: int | None = None,
+             progress: bool = False) -> list[dict[str, Any]]:
+    """Prediction records (id, task, prediction, correct, score, ...) of the first `limit` items.
+
+    num_fewshot > 0 prepends the harness's few-shot prefix drawn from `fewshot_items` (the train
+    split); the paper's models are fine-tuned on the task, so 0-shot is the default.
+    """
+    spec = data.get_task(task)
+    items = list(items[:limit] if limit is not None else items)
+    prompts = data.add_fewshot(spec, items, fewshot_items, num_fewshot)
+    if spec.kind == "multiple_choice":
+        records = score_choices(model, tokenizer, prompts, batch_size, add_bos, fast, max_length, progress)
+    else:
+        texts = generate(model, tokenizer, [it.prompt for it in prompts], spec.max_new_tokens, spec.stop,
+                         spec.no_repeat_ngram_size, batch_size, add_bos, max_length, progress)
+        records = [{"id": it.id, **generation_record(spec.metric, it, t)} for it, t in zip(items, texts)]
+    return [{"id": r.pop("id"), "task": spec.name, **r} for r in records]
+
+
+def summarize(task: str | data.Task, records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Task metrics: the mean score under the task's metric name (acc, exact_match, rouge1), plus
+    acc_norm for multiple choice and the flexible-extract exact match for GSM8K."""
+    spec = data.get_task(task)
+    n = len(records)
+    out = {spec.metric: sum(r["score"] for r in records) / n}
+    for key, name in (("correct_norm", "acc_norm"), ("correct_flexible", "exact_match_flexible")):
+        if key in records[0]:
+            out[name] = sum(r[key] for r in records) / n
+    out["n"] = n
+    return out
+
+
+def write_predictions(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
+    """One JSON object per line (UTF-8), in item order; parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------ command line
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Evaluate a model (+ LoRA adapter) on a task; print the metrics, write one JSON "
+                    "line per instance. `python eval.py compare OLD NEW [COMPAT]` prints the "
+                    "compatibility report instead (see `python eval.py compare --help`).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="registry name, local HF checkpoint dir or hub repo id")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to put on the model")
+    p.add_argument("--task", required=True, help=f"one of {sorted(data.TASKS)}")
+    p.add_argument("--data-dir", default=None, help="local task files (None: download the pinned hub copy)")
+    p.add_argument("--split", default=None, help="split to evaluate (None: the task's evaluation split)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="choice sequences (multiple choice) or prompts (generation) per forward")
+    p.add_argument("--num-fewshot", type=int, default=0,
+                   help="harness few-shot examples from the train split (seed 1234)")
+    p.add_argument("--add-bos", action="store_true",
+                   help="prepend BOS to every request (harness >= v0.4.10); off = harness v0.4.3, as the paper")
+    p.add_argument("--plain", action="store_true",
+                   help="score each choice with its own forward (slow reference path, same numbers)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default=None, help="None: cuda if available, else cpu")
+    p.add_argument("--out", default="predictions.jsonl", help="predictions file (JSON Lines)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        return metrics.compare_main(argv[1:])
+    args = parse_args(argv)
+    spec = data.get_task(args.task)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    auto = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    model = models.load_model(args.model, dtype=DTYPES.get(args.dtype, auto), device=device)
+    if args.adapter:
+        lora.load_adapter(model, args.adapter)
+    tokenizer = models.load_tokenizer(args.model)
+    items = data.load_task(spec, args.split or spec.eval_split, args.data_dir)
+    shots = data.load_task(spec, "train", args.data_dir) if args.num_fewshot else ()
+    records = evaluate(model, tokenizer, spec.name, items, args.batch_size, args.limit, args.num_fewshot, shots,
+                       args.add_bos, not args.plain, progress=True)
+    path = write_predictions(records, args.out)
+    print(json.dumps({"task": spec.name, **summarize(spec.name, records)}))
+    print(f"wrote {len(records)} predictions to {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
