@@ -311,7 +311,7 @@ def _generate_batch(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Se
 
 @torch.inference_mode()
 def generate_ids(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 stop: Sequence[str] = (), no_repeat_ngram_size: int = 0, batch_size: int = 8,
+                 stop: Sequence[str] = (), no_repeat_ngram_size: int = 0, batch_size: int = 32,
                  progress: bool = False) -> list[list[int]]:
     """Greedy continuations (token ids, EOS excluded) of tokenised prompts, longest prompts batched first."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -326,7 +326,7 @@ def generate_ids(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Seque
 
 
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-             stop: Sequence[str] = (), no_repeat_ngram_size: int = 0, batch_size: int = 8,
+             stop: Sequence[str] = (), no_repeat_ngram_size: int = 0, batch_size: int = 32,
              add_bos: bool = False, max_length: int | None = None, progress: bool = False) -> list[str]:
     """Greedy continuations of text prompts, cut at the first stop string.
 
@@ -364,14 +364,15 @@ def generation_record(metric: str, item: Any, text: str) -> dict[str, Any]:
     return record
 
 
-def evaluate(model: torch.nn.Module, tokenizer: Any, task: str | data.Task, items: Sequence[Any], batch_size: int = 8,
-             limit: int | None = None, num_fewshot: int = 0, fewshot_items: Sequence[Any] = (),
+def evaluate(model: torch.nn.Module, tokenizer: Any, task: str | data.Task, items: Sequence[Any],
+             batch_size: int = 32, limit: int | None = None, num_fewshot: int = 0, fewshot_items: Sequence[Any] = (),
              add_bos: bool = False, fast: bool = True, max_length: int | None = None,
              progress: bool = False) -> list[dict[str, Any]]:
     """Prediction records (id, task, prediction, correct, score, ...) of the first `limit` items.
 
     num_fewshot > 0 prepends the harness's few-shot prefix drawn from `fewshot_items` (the train
-    split); the paper's models are fine-tuned on the task, so 0-shot is the default.
+    split); the paper's models are fine-tuned on the task, so 0-shot is the default. batch_size
+    counts choice sequences (multiple choice) or prompts (generation) per forward.
     """
     spec = data.get_task(task)
     items = list(items[:limit] if limit is not None else items)
@@ -424,7 +425,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="local task files (None: download the pinned hub copy)")
     p.add_argument("--split", default=None, help="split to evaluate (None: the task's evaluation split)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
-    p.add_argument("--batch-size", type=int, default=8,
+    p.add_argument("--batch-size", type=int, default=32,
                    help="choice sequences (multiple choice) or prompts (generation) per forward")
     p.add_argument("--num-fewshot", type=int, default=0,
                    help="harness few-shot examples from the train split (seed 1234)")
