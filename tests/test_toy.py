@@ -1,0 +1,168 @@
+"""toy.py: the synthetic world is deterministic, its tasks split cleanly, and its checkpoints are
+ordinary HF directories that load through models.py (and transformers, the oracle), rebuilt when
+missing or corrupt. Uses the micro scenario so every build takes seconds."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+import data
+import models
+import toy
+
+MICRO = toy.SCENARIOS["micro"].world
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private cache with both micro models built once for the module."""
+    root = tmp_path_factory.mktemp("toy-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MUSCLE_CACHE", str(root))
+        mp.setenv("MUSCLE_TOY_SIZE", "micro")
+        paths = {name: toy.ensure_model(name) for name in toy.TOY_MODELS}
+        yield root, paths
+
+
+@pytest.fixture
+def micro_env(cache, monkeypatch):
+    monkeypatch.setenv("MUSCLE_CACHE", str(cache[0]))
+    monkeypatch.setenv("MUSCLE_TOY_SIZE", "micro")
+    return cache[1]
+
+
+# ---------------------------------------------------------------- the world
+def test_same_seed_same_world_corpus_and_tokenizer_bytes():
+    a, b = toy.build_world(MICRO), toy.build_world(MICRO)
+    assert a == b
+    assert toy.corpus(a, 50, seed=3) == toy.corpus(b, 50, seed=3)
+    assert toy.corpus(a, 50, seed=3) != toy.corpus(a, 50, seed=4)
+    assert toy.build_tokenizer(a).to_str() == toy.build_tokenizer(b).to_str()
+    other = toy.build_world(replace(MICRO, seed=1))
+    assert [c.name for c in other] != [c.name for c in a]
+
+
+def test_rules_hold_for_about_p_rule_of_creatures():
+    creatures = toy.build_world(toy.WorldConfig(n_creatures=2000))
+    for i, attribute in enumerate(("home", "food", "legs")):
+        follows = sum(c.value(attribute) == str(toy.KINDS[c.kind][i]) for c in creatures) / len(creatures)
+        assert abs(follows - 0.7) < 0.04, attribute
+
+
+def test_corpus_states_only_true_facts():
+    creatures = {c.name: c for c in toy.build_world(MICRO)}
+    for sentence in toy.corpus(list(creatures.values()), 300, seed=0):
+        words = sentence.split()
+        c = creatures[words[1]]
+        assert any(sentence == s.format(e=c.name, v=c.value(a) if a != "kind" else c.kind)
+                   for a, s in toy.STATEMENTS.items()), sentence
+
+
+def test_every_task_word_is_in_the_vocabulary():
+    toy.register_tasks()
+    tok = toy.build_tokenizer(toy.build_world(MICRO))
+    unk = tok.token_to_id(toy.UNK)
+    for task in ("toy-mc", "toy-gen"):
+        for split in toy.SPLITS:
+            for item in toy.load_items(task, split, size="micro"):
+                context, target = data.training_pair(task, item)
+                assert unk not in tok.encode(context + target).ids, (context, target)
+
+
+# ---------------------------------------------------------------- the tasks
+def test_splits_are_disjoint_deterministic_and_complete():
+    toy.register_tasks()
+    n = MICRO.n_creatures
+    for task, per_creature in (("toy-mc", 3), ("toy-gen", 2)):
+        train = toy.load_items(task, "train", size="micro")
+        test = toy.load_items(task, "test", size="micro")
+        assert len(train) + len(test) == per_creature * n
+        assert len(test) == per_creature * round(MICRO.test_frac * n)
+        creatures = [{i.id.split("/")[2] for i in part} for part in (train, test)]
+        assert not creatures[0] & creatures[1]
+        assert test == toy.load_items(task, "test", size="micro")
+        assert len({i.id for i in train + test}) == len(train) + len(test)
+
+
+def test_mc_items_have_the_fact_as_gold_and_the_rule_as_trap():
+    creatures = toy.build_world(MICRO)
+    by_name = {c.name: c for c in creatures}
+    for item in toy.mc_items(creatures, "train", seed=0):
+        _, _, name, attribute = item.id.split("/")
+        c = by_name[name]
+        assert len(item.choices) == len(set(item.choices)) == 4
+        assert item.choices[item.gold] == c.value(attribute)
+        if attribute in ("home", "food"):
+            assert toy.KINDS[c.kind][("home", "food").index(attribute)] in item.choices
+
+
+def test_gen_items_are_scored_by_gsm8k_exact_match():
+    import metrics
+
+    item = toy.gen_items(toy.build_world(MICRO)[:1], "test")[0]
+    answer = item.target.strip()
+    assert metrics.exact_match(metrics.extract_strict(answer), item.references[0])
+    assert not metrics.exact_match(metrics.extract_strict("#### 99"), item.references[0])
+
+
+def test_tasks_registered_in_data():
+    toy.register_tasks()
+    assert data.TASKS["toy-mc"].kind == "multiple_choice"
+    assert data.TASKS["toy-gen"].metric == "exact_match"
+    with pytest.raises(ValueError, match="no split"):
+        toy.load_items("toy-mc", "validation")
+
+
+# ---------------------------------------------------------------- the checkpoints
+def test_checkpoints_load_through_models_and_match_transformers(micro_env):
+    transformers = pytest.importorskip("transformers")
+    for name, family in (("toy-v1", "PhiForCausalLM"), ("toy-v2", "LlamaForCausalLM")):
+        model = models.load_model(name, dtype=torch.float32)
+        assert type(model).__name__ == family
+        tok = models.load_tokenizer(name)
+        assert tok.add_bos and tok.bos_id == 1 and tok.eos_id == 2 and tok.pad_id == 3
+        ids = torch.tensor([tok.encode("Question: what colour is the " + toy.build_world(MICRO)[0].name + " ?")])
+        assert toy.UNK not in [models.load_tokenizer(name).decode([i]) for i in ids[0].tolist()]
+        oracle = transformers.AutoModelForCausalLM.from_pretrained(micro_env[name], dtype=torch.float32)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), oracle(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_same_vocabulary_different_architectures(micro_env):
+    configs = [json.loads((micro_env[n] / "config.json").read_text()) for n in ("toy-v1", "toy-v2")]
+    assert [c["model_type"] for c in configs] == ["phi", "llama"]
+    assert (micro_env["toy-v1"] / "tokenizer.json").read_bytes() == (micro_env["toy-v2"] / "tokenizer.json").read_bytes()
+
+
+def test_valid_cache_is_reused(micro_env):
+    before = (micro_env["toy-v1"] / "model.safetensors").stat().st_mtime_ns
+    assert toy.ensure_model("toy-v1") == micro_env["toy-v1"]
+    assert (micro_env["toy-v1"] / "model.safetensors").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "delete_weights", "delete_manifest"])
+def test_corrupt_or_missing_cache_is_rebuilt(micro_env, damage):
+    path = micro_env["toy-v2"]
+    weights = path / "model.safetensors"
+    original = weights.read_bytes()
+    if damage == "flip_byte":
+        weights.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    elif damage == "delete_weights":
+        weights.unlink()
+    else:
+        (path / toy.MANIFEST).unlink()
+    assert not toy.is_valid(path, toy.recipe("micro", "v2"))
+    assert toy.ensure_model("toy-v2") == path
+    assert toy.is_valid(path, toy.recipe("micro", "v2"))
+    # Deterministic from the seed: the rebuilt weights are the same bytes.
+    assert weights.read_bytes() == original
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_unknown_names_raise_clear_errors(monkeypatch):
+    with pytest.raises(ValueError, match="not a toy model"):
+        toy.ensure_model("toy-v3")
+    monkeypatch.setenv("MUSCLE_TOY_SIZE", "huge")
+    with pytest.raises(ValueError, match="MUSCLE_TOY_SIZE"):
+        toy.scenario()

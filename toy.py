@@ -1,0 +1,468 @@
+"""The built-in toy model update: a synthetic world, two tiny base models toy-v1 -> toy-v2, two tasks.
+
+Why it exists: a newcomer's first command must run all of MUSCLE (PAPER.md: task adapters on the old
+and new base, the compatibility adapter, the report) on a laptop CPU with nothing downloaded. So the
+project builds its own model update on first use, deterministically from a seed.
+
+The world. Invented creatures ("the zib") each belong to a kind (bird, fish, ...). A creature's home,
+food and number of legs follow its kind's rule most of the time, with exceptions; its colour and age
+are arbitrary facts. The pre-training corpus states facts as short sentences ("the zib is a bird .",
+"the zib eats seeds ."), mentioning popular creatures often and the long tail rarely.
+
+The update (PAPER.md Table 8 in miniature). v1 is a small Phi pre-trained briefly on one sample of the
+corpus; v2 is a larger Llama pre-trained longer on a larger, different sample. What a model knows is
+what it memorised or inferred from its corpus, so v2 knows more, but not everything v1 knew: the
+update moves which instances each model gets right (negative flips, PAPER.md section 3). Both share
+one word-level tokenizer: MUSCLE needs the same vocabulary, not the same architecture.
+
+The tasks: "toy-mc" (multiple choice by log-likelihood, like PIQA/HellaSwag) asks a creature's colour,
+home or food among 4 choices; "toy-gen" (generation scored by exact match, like GSM8K, answers written
+"#### N") asks its number of legs or its age. Items are split once into train and test by a seeded
+shuffle of creatures, so no creature is in both splits: what transfers from train to test is the
+rules (kind -> home/food/legs) and the way a model answers, not the memorised facts of a creature.
+Why MUSCLE can help here: the compatibility adapter is trained on the train split only (section 4.1);
+where it is wrong it follows M1, which teaches it M1's way of answering (e.g. which rule to apply
+when the creature's own fact is unknown) and that carries over to test creatures.
+
+Checkpoints are ordinary Hugging Face directories (config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json) under $MUSCLE_CACHE or ~/.cache/muscle/toy, written atomically (temp dir +
+os.replace) with a manifest of sha256 sums; a missing or corrupt directory is rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
+UNK, BOS, EOS, PAD = SPECIALS
+
+# kind -> (home, food, legs): the rules that creatures follow with probability WorldConfig.p_rule.
+KINDS: dict[str, tuple[str, str, int]] = {
+    "bird": ("tree", "seeds", 2),
+    "fish": ("river", "weed", 0),
+    "frog": ("pond", "flies", 4),
+    "bug": ("grass", "leaves", 6),
+    "spider": ("cave", "bugs", 8),
+    "beast": ("hill", "meat", 4),
+}
+COLOURS = ("red", "blue", "green", "yellow", "black", "white")
+HOMES = tuple(sorted({h for h, _, _ in KINDS.values()}))
+FOODS = tuple(sorted({f for _, f, _ in KINDS.values()}))
+LEGS = (0, 2, 4, 6, 8)
+AGES = tuple(range(1, 10))
+
+MC_QUESTIONS = {  # attribute -> (question, the attribute's possible values)
+    "colour": ("what colour is the {e} ?", COLOURS),
+    "home": ("where does the {e} live ?", HOMES),
+    "food": ("what does the {e} eat ?", FOODS),
+}
+GEN_QUESTIONS = {
+    "legs": "how many legs does the {e} have ?",
+    "age": "how old is the {e} ?",
+}
+STATEMENTS = {
+    "kind": "the {e} is a {v} .",
+    "colour": "the {e} is {v} .",
+    "home": "the {e} lives in the {v} .",
+    "food": "the {e} eats {v} .",
+    "legs": "the {e} has {v} legs .",
+    "age": "the {e} is {v} years old .",
+}
+
+
+# ------------------------------------------------------------------------------------- the world
+@dataclass(frozen=True)
+class WorldConfig:
+    """Everything the world, its corpus and its tasks are generated from."""
+
+    seed: int = 0
+    n_creatures: int = 240
+    p_rule: float = 0.7  # how often home/food/legs follow the creature's kind (the rest: exceptions)
+    zipf_offset: float = 8.0  # popularity of the i-th creature ~ 1 / (i + offset): a long tail
+    test_frac: float = 0.5  # creatures whose questions form the test split
+
+
+@dataclass(frozen=True)
+class Creature:
+    name: str
+    kind: str
+    colour: str
+    home: str
+    food: str
+    legs: int
+    age: int
+    popularity: float
+
+    def value(self, attribute: str) -> str:
+        return str(getattr(self, attribute))
+
+
+def _names(rng: random.Random, n: int) -> list[str]:
+    """n distinct pronounceable nonsense words (consonant-vowel-consonant, some with two syllables)."""
+    cons, vowels = "bdfgklmnprstvz", "aeiou"
+    names: set[str] = set()
+    while len(names) < n:
+        syllables = rng.choice((1, 2))
+        names.add("".join(rng.choice(cons) + rng.choice(vowels) for _ in range(syllables)) + rng.choice(cons))
+    return sorted(names)
+
+
+def _ruled(rng: random.Random, rule, values, p_rule: float):
+    """The kind's value with probability p_rule, else another value (an exception to memorise)."""
+    return rule if rng.random() < p_rule else rng.choice([v for v in values if v != rule])
+
+
+def build_world(cfg: WorldConfig = WorldConfig()) -> list[Creature]:
+    """The creatures, most popular first; the same config gives the same world."""
+    rng = random.Random(cfg.seed)
+    names = _names(rng, cfg.n_creatures)
+    rng.shuffle(names)
+    creatures = []
+    for i, name in enumerate(names):
+        kind = rng.choice(sorted(KINDS))
+        home, food, legs = KINDS[kind]
+        creatures.append(Creature(
+            name=name, kind=kind, colour=rng.choice(COLOURS),
+            home=_ruled(rng, home, HOMES, cfg.p_rule), food=_ruled(rng, food, FOODS, cfg.p_rule),
+            legs=_ruled(rng, legs, LEGS, cfg.p_rule), age=rng.choice(AGES),
+            popularity=1.0 / (i + cfg.zipf_offset)))
+    return creatures
+
+
+def corpus(creatures: list[Creature], n_sentences: int, seed: int,
+           weights: dict[str, float] | None = None) -> list[str]:
+    """Fact sentences about creatures drawn by popularity, each about one attribute drawn by `weights`.
+
+    Different seeds give different samples of the same world: what one model read often, another
+    may have read rarely, as with two crawls of the web.
+    """
+    rng = random.Random(seed)
+    weights = weights or {a: 1.0 for a in STATEMENTS}
+    attributes = sorted(weights)
+    picks = rng.choices(creatures, [c.popularity for c in creatures], k=n_sentences)
+    out = []
+    for c in picks:
+        a = rng.choices(attributes, [weights[x] for x in attributes])[0]
+        out.append(STATEMENTS[a].format(e=c.name, v=c.value(a)))
+    return out
+
+
+def split_creatures(creatures: list[Creature], cfg: WorldConfig) -> dict[str, list[Creature]]:
+    """Train and test creatures: a seeded shuffle, so no creature's own facts are in both splits."""
+    order = list(creatures)
+    random.Random(cfg.seed + 1).shuffle(order)
+    n_test = round(cfg.test_frac * len(order))
+    return {"test": order[:n_test], "train": order[n_test:]}
+
+
+# ------------------------------------------------------------------------------------- the tasks
+def _prompt(question: str) -> str:
+    return "Question: " + question + "\nAnswer:"  # the PIQA/GSM8K prompt shape (EVAL_FORMATS.md)
+
+
+def mc_items(creatures: list[Creature], split: str, seed: int, n_choices: int = 4) -> list:
+    """toy-mc: one 4-way question per creature and attribute (colour, home, food).
+
+    The kind's rule value is always among the choices: on an exception it is the trap a model
+    falls into when it answers by the rule instead of the creature's own fact.
+    """
+    import data
+
+    rng = random.Random(f"toy-mc/{split}/{seed}")
+    items = []
+    for c in creatures:
+        for attribute, (question, values) in MC_QUESTIONS.items():
+            gold = c.value(attribute)
+            rule = dict(zip(("home", "food"), KINDS[c.kind][:2])).get(attribute)
+            others = [v for v in values if v not in (gold, rule)]
+            distractors = ([rule] if rule and rule != gold else []) + rng.sample(others, n_choices - 1)
+            choices = [gold] + distractors[:n_choices - 1]
+            rng.shuffle(choices)
+            items.append(data.MultipleChoice(id=f"toy-mc/{split}/{c.name}/{attribute}",
+                                             context=_prompt(question.format(e=c.name)),
+                                             choices=choices, gold=choices.index(gold)))
+    return items
+
+
+def gen_items(creatures: list[Creature], split: str) -> list:
+    """toy-gen: how many legs / how old, answered GSM8K-style "#### N" so exact match scores it."""
+    import data
+
+    return [data.Generation(id=f"toy-gen/{split}/{c.name}/{attribute}",
+                            prompt=_prompt(question.format(e=c.name)),
+                            references=[f"#### {c.value(attribute)}"],
+                            target=f" #### {c.value(attribute)}")
+            for c in creatures for attribute, question in GEN_QUESTIONS.items()]
+
+
+# ------------------------------------------------------------------------------------- the tokenizer
+def vocabulary(creatures: list[Creature]) -> list[str]:
+    """Special tokens, then every word the corpus and the prompts can contain, sorted (deterministic)."""
+    texts = [s.format(e="x", v="x") for s in STATEMENTS.values()]
+    texts += [_prompt(q.format(e="x")) for q, _ in MC_QUESTIONS.values()]
+    texts += [_prompt(q.format(e="x")) + " ####" for q in GEN_QUESTIONS.values()]
+    words = {w for t in texts for w in _pre_tokenize(t)} - {"x"}
+    words |= {c.name for c in creatures} | set(KINDS) | set(COLOURS) | set(HOMES) | set(FOODS)
+    words |= {str(n) for n in (*LEGS, *AGES)}
+    return list(SPECIALS) + sorted(words)
+
+
+def _pre_tokenize(text: str) -> list[str]:
+    from tokenizers.pre_tokenizers import Whitespace
+
+    return [w for w, _ in Whitespace().pre_tokenize_str(text)]
+
+
+def build_tokenizer(creatures: list[Creature]):
+    """A `tokenizers` WordLevel tokenizer (whitespace pre-tokenizer; newlines are whitespace)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(vocabulary(creatures))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(list(SPECIALS))
+    return tok
+
+
+def tokenizer_config(model_max_length: int) -> dict[str, Any]:
+    """tokenizer_config.json: BOS added (Llama's convention), used by both models of the update."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True, "add_eos_token": False,
+            "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK,
+            "model_max_length": model_max_length, "clean_up_tokenization_spaces": False}
+
+
+# ------------------------------------------------------------------------------------- the base models
+@dataclass(frozen=True)
+class BaseSpec:
+    """One toy base model: architecture (config.json keys), its corpus sample and its pre-training."""
+
+    model_type: str  # "llama" | "phi"
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    n_sentences: int  # corpus sample size
+    corpus_seed: int
+    steps: int
+    batch_size: int = 32
+    seq_len: int = 32
+    lr: float = 3e-3
+    seed: int = 0
+    attribute_weights: dict[str, float] = field(default_factory=dict)
+
+    def hf_config(self, vocab_size: int) -> dict[str, Any]:
+        """config.json in Hugging Face's keys for the family (read back by models.build_model)."""
+        common = {"model_type": self.model_type, "vocab_size": vocab_size, "hidden_size": self.hidden_size,
+                  "intermediate_size": 4 * self.hidden_size, "num_hidden_layers": self.num_hidden_layers,
+                  "num_attention_heads": self.num_attention_heads,
+                  "num_key_value_heads": self.num_attention_heads, "max_position_embeddings": 128,
+                  "bos_token_id": SPECIALS.index(BOS), "eos_token_id": SPECIALS.index(EOS),
+                  "pad_token_id": SPECIALS.index(PAD), "tie_word_embeddings": False,
+                  "torch_dtype": "float32", "rope_theta": 10000.0}
+        if self.model_type == "llama":
+            return {**common, "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+                    "rms_norm_eps": 1e-6}
+        return {**common, "architectures": ["PhiForCausalLM"], "hidden_act": "gelu_new",
+                "layer_norm_eps": 1e-5, "partial_rotary_factor": 0.5, "qk_layernorm": False}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A world and the two base models pre-trained on it."""
+
+    world: WorldConfig
+    v1: BaseSpec
+    v2: BaseSpec
+
+
+SCENARIOS: dict[str, Scenario] = {
+    # The default update, sized to build both models in about a minute on 2 CPU cores.
+    "default": Scenario(
+        world=WorldConfig(),
+        v1=BaseSpec("phi", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    n_sentences=20000, corpus_seed=1, steps=400),
+        v2=BaseSpec("llama", hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    n_sentences=40000, corpus_seed=2, steps=800),
+    ),
+    # Seconds to build, for the test suite (MUSCLE_TOY_SIZE=micro): same code path, no claims.
+    "micro": Scenario(
+        world=WorldConfig(n_creatures=24),
+        v1=BaseSpec("phi", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                    n_sentences=400, corpus_seed=1, steps=4, batch_size=8, seq_len=16),
+        v2=BaseSpec("llama", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                    n_sentences=800, corpus_seed=2, steps=6, batch_size=8, seq_len=16),
+    ),
+}
+TOY_MODELS: dict[str, str] = {"toy-v1": "v1", "toy-v2": "v2"}  # registry name -> Scenario field
+
+
+def scenario(size: str | None = None) -> tuple[str, Scenario]:
+    """The scenario named by `size`, else $MUSCLE_TOY_SIZE, else "default"."""
+    size = size or os.environ.get("MUSCLE_TOY_SIZE") or "default"
+    if size not in SCENARIOS:
+        raise ValueError(f"MUSCLE_TOY_SIZE={size!r} is not a toy scenario; choose one of {sorted(SCENARIOS)}")
+    return size, SCENARIOS[size]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MUSCLE_CACHE") or Path.home() / ".cache" / "muscle" / "toy")
+
+
+# ------------------------------------------------------------------------------------- pre-training
+def _windows(stream, n: int, seq_len: int, rng: random.Random, bos_id: int):
+    """n random windows of the token stream, each starting with BOS (as task sequences do)."""
+    import torch
+
+    starts = [rng.randrange(len(stream) - seq_len) for _ in range(n)]
+    x = torch.tensor([[bos_id] + stream[s:s + seq_len - 1] for s in starts], dtype=torch.long)
+    return x
+
+
+def _lm_loss(model, x):
+    """(summed next-token cross-entropy, number of predicted tokens): the loss `trainer.fit` expects."""
+    import torch.nn.functional as F
+
+    logits = model(x)[:, :-1]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1), reduction="sum")
+    return loss, x[:, 1:].numel()
+
+
+def pretrain(spec: BaseSpec, creatures: list[Creature], tok, run_dir: Path, desc: str):
+    """A freshly initialised model of `spec` trained on its corpus sample with `trainer.fit`."""
+    import torch
+
+    import models
+    import trainer
+
+    torch.manual_seed(spec.seed)
+    model = models.build_model(spec.hf_config(tok.get_vocab_size()), source=desc)
+    text = " ".join(corpus(creatures, spec.n_sentences, spec.corpus_seed, spec.attribute_weights or None))
+    stream = tok.encode(text).ids
+    bos = tok.token_to_id(BOS)
+    rng = random.Random(spec.corpus_seed)
+    batches = [_windows(stream, spec.batch_size, spec.seq_len, rng, bos) for _ in range(spec.steps)]
+    val = [_windows(stream, spec.batch_size, spec.seq_len, rng, bos) for _ in range(2)]
+    cfg = trainer.FitConfig(epochs=1, lr=spec.lr, warmup_steps=max(1, spec.steps // 20), weight_decay=0.01,
+                            grad_accum=1, log_every=50, seed=spec.seed)
+    params = dict(model.named_parameters())
+    trainer.fit(model, params, lambda x: _lm_loss(model, x), lambda epoch: batches, val, cfg, run_dir, desc=desc)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------- the cache
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def recipe(size: str, which: str) -> str:
+    """A fingerprint of everything a checkpoint is built from: a changed recipe means a rebuild."""
+    _, sc = scenario(size)
+    return hashlib.sha256(json.dumps([asdict(sc.world), asdict(getattr(sc, which))], sort_keys=True).encode()).hexdigest()
+
+
+def is_valid(ckpt_dir: Path, expected_recipe: str) -> bool:
+    """The directory holds exactly what its manifest lists, byte for byte, for this recipe."""
+    try:
+        manifest = json.loads((ckpt_dir / MANIFEST).read_text())
+        return manifest["recipe"] == expected_recipe and all(
+            _sha256(ckpt_dir / name) == digest for name, digest in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def write_checkpoint(model, tok, hf_config: dict[str, Any], out_dir: Path, recipe_id: str) -> None:
+    """An ordinary HF checkpoint directory (+ manifest.json with the files' sha256)."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True)
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = tokenizer_config(hf_config["max_position_embeddings"])
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    files = sorted(p.name for p in out_dir.iterdir())
+    manifest = {"recipe": recipe_id, "files": {name: _sha256(out_dir / name) for name in files}}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def build(name: str, out_dir: Path, size: str | None = None) -> None:
+    """Pre-train toy model `name` and write it to `out_dir` (which must not exist)."""
+    size, sc = scenario(size)
+    which = TOY_MODELS[name]
+    spec: BaseSpec = getattr(sc, which)
+    creatures = build_world(sc.world)
+    tok = build_tokenizer(creatures)
+    with tempfile.TemporaryDirectory(prefix=f"{name}-fit-") as run_dir:
+        model = pretrain(spec, creatures, tok, Path(run_dir), desc=f"pre-train {name} ({size})")
+    write_checkpoint(model, tok, spec.hf_config(tok.get_vocab_size()), out_dir, recipe(size, which))
+
+
+def ensure_model(name: str, size: str | None = None) -> Path:
+    """The checkpoint directory of toy model `name`, built on first use or when missing/corrupt.
+
+    Built in a temporary directory beside the final one and moved into place with os.replace, so
+    an interrupted build never leaves a half-written checkpoint where a reader would take it.
+    """
+    if name not in TOY_MODELS:
+        raise ValueError(f"{name!r} is not a toy model; choose one of {sorted(TOY_MODELS)}")
+    size, _ = scenario(size)
+    root = cache_root() / size
+    final = root / name
+    expected = recipe(size, TOY_MODELS[name])
+    if is_valid(final, expected):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-build-", dir=root))
+    try:
+        build(name, staging / name, size)
+        if final.exists():  # stale or corrupt: move it aside first, os.replace cannot overwrite a directory
+            os.replace(final, staging / "old")
+        os.replace(staging / name, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+# ------------------------------------------------------------------------------------- task registry
+SPLITS = ("train", "test")
+
+
+def load_items(task: str, split: str, size: str | None = None) -> list:
+    """The items of a toy task's split, for the scenario's world (the same one the models read)."""
+    if split not in SPLITS:
+        raise ValueError(f"{task} has no split {split!r}; choose one of {list(SPLITS)}")
+    _, sc = scenario(size)
+    creatures = split_creatures(build_world(sc.world), sc.world)[split]
+    if task == "toy-mc":
+        return mc_items(creatures, split, sc.world.seed)
+    return gen_items(creatures, split)
+
+
+def register_tasks() -> None:
+    """Add toy-mc and toy-gen to data.TASKS (idempotent)."""
+    import data
+
+    data.register_task(data.Task("toy-mc", "multiple_choice", "test", _loader("toy-mc")))
+    # Answers are "#### N" with N one token: at most 4 new tokens ("####", N, EOS and one spare).
+    data.register_task(data.Task("toy-gen", "generation", "test", _loader("toy-gen"), metric="exact_match",
+                                 max_new_tokens=4, stop=("Question:", EOS)))
+
+
+@dataclass(frozen=True)
+class _loader:
+    """data.Task's loader for a toy task; a dataclass so that re-registering compares equal."""
+
+    task: str
+
+    def __call__(self, split: str, data_dir=None) -> list:
+        return load_items(self.task, split)
