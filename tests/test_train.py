@@ -1,0 +1,317 @@
+"""Tests of train.py, trainer.py and checkpoint.py on tiny random Llama checkpoints (CPU)."""
+import argparse
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import checkpoint
+import data
+import lora
+import models
+import train
+import trainer
+from distributed import Dist
+
+ROOT = Path(__file__).resolve().parent.parent
+# Tiny models: one thread is ~10x faster than two on a busy 2-core machine (no spin-waiting).
+torch.set_num_threads(1)
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+CORPUS = ["the quick brown fox jumps over the lazy dog", "to open a jar, twist the lid",
+          "use a towel to dry the dishes", "Goal: clean a shoe. Solution: brush it"] * 20
+
+
+def make_tokenizer(directory: Path, vocab_size: int = 300, corpus=CORPUS) -> None:
+    """A tiny byte-level BPE tokenizer.json with <s>, </s> (Llama-style: BOS added)."""
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
+
+
+def make_checkpoint(directory: Path, seed: int, vocab_size: int = 300, corpus=CORPUS) -> Path:
+    """A 2-layer, hidden-32 random Llama (GQA) with the tiny tokenizer, as a HF checkpoint dir."""
+    make_tokenizer(directory, vocab_size, corpus)
+    config = dict(model_type="llama", vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    (directory / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(seed)
+    model = models.build_model(config)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("tiny")
+    return str(make_checkpoint(root / "v1", seed=1)), str(make_checkpoint(root / "v2", seed=2))
+
+
+def tiny_flags(old, new, data_dir, out, *extra) -> list[str]:
+    """A few seconds of the whole pipeline: 30 PIQA items (24 train / 6 val), 8 test items."""
+    return ["--old", old, "--new", new, "--task", "piqa", "--data-dir", str(data_dir),
+            "--out", str(out), "--limit-train", "30", "--limit-eval", "8", "--epochs", "2",
+            "--batch-size", "4", "--grad-accum", "2", "--rank", "4", "--alpha", "8",
+            "--max-len", "48", "--warmup-steps", "2", "--log-every", "1", "--chunk-size", "16",
+            *extra]
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------- loss normalisation
+
+
+def example(tok, text):
+    ids = tok.encode(text)
+    return ids, list(ids)
+
+
+@pytest.mark.parametrize("stage", ["task", "compat"])
+def test_unequal_micro_batches_give_the_gradient_of_one_batch(tiny_models, stage):
+    old, new = (models.load_model(p) for p in tiny_models)
+    tok = models.load_tokenizer(tiny_models[0])
+    for m in (old, new):
+        lora.add_adapter(m, "task", rank=4, alpha=8)
+        with torch.no_grad():  # a non-zero B, so that the two teachers differ from the bases
+            for p in lora.adapter_parameters(m, "task").values():
+                p.normal_(0, 0.3)
+    lora.copy_adapter(new, "task", "compat")
+    name = "compat" if stage == "compat" else "task"
+    lora.mark_trainable(new, name)
+    lora.set_adapter(new, name)
+    args = argparse.Namespace(mask="student_correct", temperature=2.0, ce_weight=0.5, chunk_size=5)
+    loss_fn = train.muscle_loss(new, old, args) if stage == "compat" else train.ce_loss(new)
+    params = lora.adapter_parameters(new, name)
+    short = [example(tok, t) for t in CORPUS[:2]]
+    long = [example(tok, t + " and " + t) for t in CORPUS[2:5]]
+
+    def grads(micro_batches):
+        _, tokens = trainer.accumulate_gradients(loss_fn, micro_batches)
+        trainer.scale_gradients(params.values(), 1 / tokens)
+        out = {k: p.grad.clone() for k, p in params.items()}
+        new.zero_grad(set_to_none=True)
+        return out, tokens
+
+    split, n_split = grads([data.collate(short, tok.pad_id), data.collate(long, tok.pad_id)])
+    whole, n_whole = grads([data.collate(short + long, tok.pad_id)])
+    assert n_split == n_whole == sum(len(ids) - 1 for ids, _ in short + long)
+    for k in whole:
+        torch.testing.assert_close(split[k], whole[k], rtol=1e-4, atol=1e-7)
+    # Per-micro-batch means would weigh the 2 short sequences like the 3 long ones: not equal.
+    assert any(v.abs().sum() > 0 for v in whole.values())
+
+
+def test_gradients_reach_only_the_compatibility_adapter(tiny_models):
+    old, new = (models.load_model(p) for p in tiny_models)
+    lora.add_adapter(old, "task", rank=4, alpha=8)
+    lora.add_adapter(new, "task", rank=4, alpha=8)
+    lora.copy_adapter(new, "task", "compat")
+    lora.mark_trainable(new, "compat")
+    old.requires_grad_(False)
+    tok = models.load_tokenizer(tiny_models[0])
+    batch = data.collate([example(tok, t) for t in CORPUS[:3]], tok.pad_id)
+    args = argparse.Namespace(mask="student_correct", temperature=2.0, ce_weight=0.1, chunk_size=7)
+    train.muscle_loss(new, old, args)(batch).loss.backward()
+    compat = set(lora.adapter_parameters(new, "compat"))
+    with_grad = {n for m in (old, new) for n, p in m.named_parameters() if p.grad is not None}
+    assert with_grad == compat
+    assert sum(new.get_parameter(n).grad.abs().sum() for n in compat) > 0
+    assert lora.active_adapter(new) == "compat"  # the teacher's adapter switch was undone
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert [trainer.lr_factor(s, 4, 12) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert trainer.lr_factor(8, 4, 12) == pytest.approx(0.5)
+    assert trainer.lr_factor(12, 4, 12) == pytest.approx(0.0)
+
+
+# ------------------------------------------------------------------------- fit: stop, NaN, resume
+
+
+def quadratic_problem(nan_at=None, signal_at=None):
+    """A 3-parameter least-squares problem for fit, with an optional NaN or SIGTERM at a step."""
+    model = torch.nn.Linear(3, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    target = torch.tensor([[1.0, -2.0, 0.5]])
+    calls = {"n": 0}
+
+    def loss_fn(x):
+        calls["n"] += 1
+        if calls["n"] == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        y = x @ target.T
+        loss = ((model(x) - y) ** 2).sum()
+        return (loss * math.nan if calls["n"] == nan_at else loss), x.shape[0]
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 3, generator=g) for _ in range(6)]
+    return model, loss_fn, (lambda epoch: xs), xs[:2]
+
+
+FIT = trainer.FitConfig(epochs=2, lr=0.1, warmup_steps=1, grad_accum=2, save_every=1, log_every=1)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model, loss_fn, batches, val = quadratic_problem(nan_at=5)  # step 3's first micro-batch
+    with pytest.raises(trainer.Diverged, match="loss is nan at step 3.*last good checkpoint"):
+        trainer.fit(model, dict(model.named_parameters()), loss_fn, batches, val, FIT, tmp_path)
+    tensors, state = checkpoint.load(tmp_path / "checkpoint")
+    assert state["step"] == 2
+    torch.testing.assert_close(tensors["param/weight"], model.weight.detach())  # not updated
+
+
+def test_sigterm_checkpoints_then_resume_matches_an_uninterrupted_run(tmp_path):
+    model, loss_fn, batches, val = quadratic_problem()
+    whole = trainer.fit(model, dict(model.named_parameters()), loss_fn, batches, val, FIT, tmp_path / "a")
+    reference = model.weight.detach().clone()
+
+    model, loss_fn, batches, val = quadratic_problem(signal_at=3)  # during step 2
+    with pytest.raises(trainer.Interrupted, match="interrupted at step 2.*rerun") as info:
+        trainer.fit(model, dict(model.named_parameters()), loss_fn, batches, val, FIT, tmp_path / "b")
+    assert info.value.signum == signal.SIGTERM
+    assert checkpoint.load(tmp_path / "b" / "checkpoint")[1]["step"] == 2
+    model, loss_fn, batches, val = quadratic_problem()
+    resumed = trainer.fit(model, dict(model.named_parameters()), loss_fn, batches, val, FIT, tmp_path / "b")
+    assert (resumed.steps, resumed.best_epoch) == (whole.steps, whole.best_epoch) == (6, 1)
+    torch.testing.assert_close(model.weight.detach(), reference, rtol=0, atol=0)
+    log = read_log(tmp_path / "b" / "log.jsonl")
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in log if "val_loss" in r] == [0, 1]
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    checkpoint.save(tmp_path, {"w": torch.ones(3)}, {"step": 1})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(tmp_path, {"w": torch.zeros(3)}, {"step": 2})
+    tensors, state = checkpoint.load(tmp_path)
+    assert state == {"step": 1} and tensors["w"].tolist() == [1, 1, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000", "latest"]
+
+
+# ------------------------------------------------------------------------- the pipeline
+
+
+@pytest.mark.parametrize("vocab_size, corpus, expected", [
+    (280, CORPUS, r"vocab_size 300 vs 280, tokenizer sizes 300 vs 280; first differing tokens: "
+                  r"id 280: '.+' in one only"),
+    (300, [t.upper() for t in CORPUS], r"vocab_size 300 vs 300, tokenizer sizes 300 vs 300; "
+                                       r"first differing tokens: id \d+: '.+' vs '.+'"),
+])
+def test_different_vocabularies_are_refused_before_training(tiny_models, tmp_path, data_dir,
+                                                            vocab_size, corpus, expected):
+    other = make_checkpoint(tmp_path / "other", seed=3, vocab_size=vocab_size, corpus=corpus)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=expected):
+        train.run(train.parse_args(tiny_flags(tiny_models[0], str(other), data_dir, out)), Dist())
+    assert not out.exists()
+
+
+def test_out_with_another_configuration_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "run"
+    flags = ["--old", "a", "--new", "b", "--task", "piqa", "--out", str(out)]
+    train.check_run_config(out, train.parse_args(flags), Dist())
+    (out / "stage1_task_old").mkdir()
+    train.check_run_config(out, train.parse_args(flags + ["--save-every", "3"]), Dist())  # resumes
+    assert (out / "stage1_task_old").is_dir()
+    with pytest.raises(ValueError, match=r"different configuration \(lr: 0.0001 there, 0.001 now\)"
+                                         r".*--overwrite"):
+        train.check_run_config(out, train.parse_args(flags + ["--lr", "1e-3"]), Dist())
+    train.check_run_config(out, train.parse_args(flags + ["--lr", "1e-3", "--overwrite"]), Dist())
+    assert not (out / "stage1_task_old").exists()
+    assert json.loads((out / "run_config.json").read_text())["lr"] == 1e-3
+    stranger = tmp_path / "not_a_run"
+    stranger.mkdir()
+    (stranger / "precious.txt").write_text("x")
+    with pytest.raises(ValueError, match="holds no run_config.json.*nothing was deleted"):
+        train.check_run_config(stranger, train.parse_args(flags + ["--overwrite"]), Dist())
+
+
+def test_all_four_stages_end_to_end_then_skipped(tiny_models, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(tiny_flags(*tiny_models, data_dir, out)) == 0
+    for stage in train.STAGES.values():
+        assert (out / stage / "DONE").is_file()
+    for stage in (1, 2, 3):
+        adapter = load_file(out / train.STAGES[stage] / "adapter" / "adapter_model.safetensors")
+        assert len(adapter) == 2 * 7 * 2  # A and B of 7 linear layers in each of 2 blocks
+        assert not (out / train.STAGES[stage] / "checkpoint").exists()
+        log = read_log(out / train.STAGES[stage] / "log.jsonl")
+        steps = [r for r in log if "loss" in r]
+        assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]  # 24 items / (4 x 2) x 2 epochs
+        assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in steps)
+        assert [r["epoch"] for r in log if "val_loss" in r] == [0, 1]
+    # Ac starts as A2: stage 3's first loss has no CE and A2 = Ac, so it is the KL to M1/M2 only.
+    report = json.loads((out / "stage4_eval" / "report.json").read_text())
+    assert report["n"] == 8 and set(report["models"]) == {"old", "new", "compat"}
+    assert (out / "stage4_eval" / "report.md").is_file()
+    records = [json.loads(x) for x in (out / "stage4_eval" / "mc.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == [f"piqa/validation/{i}" for i in range(8)]
+    capsys.readouterr()
+    assert train.main(tiny_flags(*tiny_models, data_dir, out)) == 0
+    assert capsys.readouterr().out.count("skipped") == 4
+
+
+# Stage 3 in 24 small steps (16 train items, 2 per step, 3 epochs), a checkpoint after each.
+KILL_FLAGS = ["--limit-train", "20", "--epochs", "3", "--batch-size", "2", "--grad-accum", "1",
+              "--save-every", "1"]
+
+
+def run_stage3(tiny_models, data_dir, out):
+    cmd = [sys.executable, str(ROOT / "train.py"), *tiny_flags(*tiny_models, data_dir, out),
+           *KILL_FLAGS, "--stage", "3"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def test_sigkill_in_stage3_then_rerun_gives_the_uninterrupted_adapter(tiny_models, data_dir, tmp_path):
+    base = tmp_path / "base"
+    for stage in ("1", "2"):
+        assert train.main(tiny_flags(*tiny_models, data_dir, base, *KILL_FLAGS, "--stage", stage)) == 0
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    for out in (killed, clean):
+        subprocess.run(["cp", "-r", str(base), str(out)], check=True)
+
+    proc = run_stage3(tiny_models, data_dir, killed)
+    pointer = killed / "stage3_compat" / "checkpoint" / "latest"
+    while not pointer.exists() and proc.poll() is None:
+        time.sleep(0.005)
+    time.sleep(0.05)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (killed / "stage3_compat" / "DONE").exists()
+    step_killed = checkpoint.load(killed / "stage3_compat" / "checkpoint")[1]["step"]
+    assert 0 < step_killed < 24
+
+    for out in (killed, clean):
+        proc = run_stage3(tiny_models, data_dir, out)
+        assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
+    a, b = (load_file(out / "stage3_compat" / "adapter" / "adapter_model.safetensors") for out in (killed, clean))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    done = [json.loads((out / "stage3_compat" / "DONE").read_text()) for out in (killed, clean)]
+    assert done[0] == done[1] and done[0]["steps"] == 24
