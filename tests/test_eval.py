@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
 
 import data
 import eval as ev
+import metrics
 import models
 
 CORPUS = [
@@ -63,6 +64,7 @@ class Tiny:
 
 @pytest.fixture(scope="module", params=["bos_words", "nobos_merging"])
 def setup(request, tmp_path_factory) -> Tiny:
+    """A BOS-adding word-splitting tokenizer, and a BOS-less one whose merges cross spaces."""
     bos = request.param == "bos_words"
     path = tmp_path_factory.mktemp(request.param)
     vocab = build_tokenizer(path, bos=bos, split_words=bos)
@@ -295,6 +297,18 @@ def test_evaluate_gsm8k_generates_and_scores(setup, data_dir, tmp_path):
         assert record["prediction"] == text and record["task"] == "gsm8k"
         assert record["reference"] == item.references[0]
         assert record["correct"] is False and record["extracted_strict"] == "[invalid]"
+
+
+def test_evaluate_samsum_uses_the_ngram_ban_and_rouge(setup, data_dir):
+    model, tok = setup.model, setup.tok
+    items = data.load_task("samsum", "test", data_dir)[:2]
+    task = replace(data.TASKS["samsum"], max_new_tokens=16)
+    records = ev.evaluate(model, tok, task, items)
+    texts = ev.generate(model, tok, [it.prompt for it in items], 16, stop=task.stop, no_repeat_ngram_size=2)
+    assert texts != ev.generate(model, tok, [it.prompt for it in items], 16, stop=task.stop)
+    for record, item, text in zip(records, items, texts):
+        assert record["prediction"] == text and record["correct"] is None
+        assert record["score"] == metrics.rouge1(text, item.references[0])
 
 
 def test_gsm8k_record_strict_and_flexible(data_dir):
