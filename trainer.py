@@ -77,12 +77,13 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 @contextlib.contextmanager
 def stop_requests() -> Iterator[list[int]]:
-    """Turn the first SIGINT/SIGTERM into a request ([signum]) that the loop honours at the next
-    step boundary, with a checkpoint; a second signal interrupts at once."""
+    """Turn SIGINT/SIGTERM into a request ([signum, ...]) that the loop honours at the next step
+    boundary, with a checkpoint. A second Ctrl-C interrupts at once; SIGTERM never does, because
+    torchrun forwards one to every worker after a Ctrl-C and the checkpoint must still finish."""
     requested: list[int] = []
 
     def handler(signum, frame):
-        if requested:
+        if signum == signal.SIGINT and signal.SIGINT in requested:
             raise KeyboardInterrupt
         requested.append(signum)
 

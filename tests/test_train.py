@@ -264,7 +264,6 @@ def test_all_four_stages_end_to_end_then_skipped(tiny_models, data_dir, tmp_path
         assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]  # 24 items / (4 x 2) x 2 epochs
         assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in steps)
         assert [r["epoch"] for r in log if "val_loss" in r] == [0, 1]
-    # Ac starts as A2: stage 3's first loss has no CE and A2 = Ac, so it is the KL to M1/M2 only.
     report = json.loads((out / "stage4_eval" / "report.json").read_text())
     assert report["n"] == 8 and set(report["models"]) == {"old", "new", "compat"}
     assert (out / "stage4_eval" / "report.md").is_file()
@@ -287,31 +286,44 @@ def run_stage3(tiny_models, data_dir, out):
                             stderr=subprocess.PIPE)
 
 
-def test_sigkill_in_stage3_then_rerun_gives_the_uninterrupted_adapter(tiny_models, data_dir, tmp_path):
+def test_sigkill_or_sigint_in_stage3_then_rerun_gives_the_uninterrupted_adapter(
+        tiny_models, data_dir, tmp_path):
+    """SIGKILL: the last checkpoint is intact. SIGINT: a checkpoint, a one-line message, exit
+    130. Either way the rerun ends with the adapter of a run that was never interrupted."""
     base = tmp_path / "base"
     for stage in ("1", "2"):
         assert train.main(tiny_flags(*tiny_models, data_dir, base, *KILL_FLAGS, "--stage", stage)) == 0
-    killed, clean = tmp_path / "killed", tmp_path / "clean"
-    for out in (killed, clean):
+    runs = {name: tmp_path / name for name in ("clean", "sigkill", "sigint")}
+    for out in runs.values():
         subprocess.run(["cp", "-r", str(base), str(out)], check=True)
 
-    proc = run_stage3(tiny_models, data_dir, killed)
-    pointer = killed / "stage3_compat" / "checkpoint" / "latest"
-    while not pointer.exists() and proc.poll() is None:
-        time.sleep(0.005)
-    time.sleep(0.05)
-    proc.kill()
-    assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert not (killed / "stage3_compat" / "DONE").exists()
-    step_killed = checkpoint.load(killed / "stage3_compat" / "checkpoint")[1]["step"]
-    assert 0 < step_killed < 24
+    for name, signum in (("sigkill", signal.SIGKILL), ("sigint", signal.SIGINT)):
+        proc = run_stage3(tiny_models, data_dir, runs[name])
+        pointer = runs[name] / "stage3_compat" / "checkpoint" / "latest"
+        while not pointer.exists() and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(0.05)
+        proc.send_signal(signum)
+        code, stderr = proc.wait(), proc.stderr.read().decode()
+        if signum == signal.SIGKILL:
+            assert code == -signal.SIGKILL, stderr[-2000:]
+        else:
+            assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
+            assert "checkpoint saved" in stderr and "rerun the same command to resume" in stderr
+        assert not (runs[name] / "stage3_compat" / "DONE").exists()
+        assert 0 < checkpoint.load(runs[name] / "stage3_compat" / "checkpoint")[1]["step"] < 24
 
-    for out in (killed, clean):
+    for out in runs.values():
         proc = run_stage3(tiny_models, data_dir, out)
         assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
-    a, b = (load_file(out / "stage3_compat" / "adapter" / "adapter_model.safetensors") for out in (killed, clean))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
-    done = [json.loads((out / "stage3_compat" / "DONE").read_text()) for out in (killed, clean)]
-    assert done[0] == done[1] and done[0]["steps"] == 24
+    adapters = {name: load_file(out / "stage3_compat" / "adapter" / "adapter_model.safetensors")
+                for name, out in runs.items()}
+    a2 = load_file(base / "stage2_task_new" / "adapter" / "adapter_model.safetensors")
+    for name in ("sigkill", "sigint"):
+        assert adapters[name].keys() == adapters["clean"].keys()
+        for k in adapters["clean"]:
+            torch.testing.assert_close(adapters[name][k], adapters["clean"][k], rtol=0, atol=1e-6)
+    # Stage 3 started from A2 and moved away from it.
+    assert any(not torch.equal(adapters["clean"][k], a2[k]) for k in a2)
+    done = [json.loads((out / "stage3_compat" / "DONE").read_text()) for out in runs.values()]
+    assert done[0] == done[1] == done[2] and done[0]["steps"] == 24
