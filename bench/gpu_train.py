@@ -1,0 +1,153 @@
+"""MUSCLE compatibility steps (stage 3) of a random Llama on one GPU: tokens/s, peak memory, MFU.
+
+The exact code path of `train.py --stage 3`: base v1 + task adapter (teacher M1), one base v2
+holding the frozen task adapter (teacher M2) and the trainable compatibility adapter (student),
+all in bf16 under FSDP2 (world size 1) with fp32 LoRA master weights, the chunked MUSCLE loss,
+AdamW. Weights are random (same shapes as the real models), so nothing is downloaded.
+
+    python bench/gpu_train.py --shape 7b --batch-size 4 --seq-len 512
+    python bench/gpu_train.py --shape 1b --grad-checkpointing
+    python bench/gpu_train.py --shape tiny --steps 3          # CPU smoke test of the script
+
+Model FLOPs per token (the MFU numerator; recomputation under --grad-checkpointing is not
+counted, as usual): three forward passes (M1, M2, student) at 2N each, plus the student's
+backward to its activations at 2N (the frozen base needs no weight gradients; the LoRA weight
+gradients are negligible), so 8N, plus attention scores at 4 * layers * seq * hidden per forward
+(the backward counted twice). The peak is a bf16 matmul rate measured here, not a datasheet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+import distributed
+import lora
+import models
+import train
+import trainer
+
+SHAPES = {  # HF config.json fields; vocabulary of Llama 1/2
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,  # TinyLlama-1.1B
+               num_attention_heads=32, num_key_value_heads=4),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def config(shape: str) -> dict:
+    return dict(model_type="llama", vocab_size=32000, max_position_embeddings=4096,
+                rms_norm_eps=1e-5, tie_word_embeddings=False, **SHAPES[shape])
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 20) -> float:
+    """Measured dense matmul rate: the MFU denominator."""
+    if device.type == "cpu":
+        n, repeats = 1024, 5
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_model(cfg: dict, dtype: torch.dtype, device: torch.device, seed: int) -> torch.nn.Module:
+    """Built directly in `dtype` on `device` (a 7B model never exists in fp32)."""
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return models.build_model(cfg)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def build(args: argparse.Namespace, env: distributed.Dist, dtype: torch.dtype):
+    """(student with task + compat adapters, sharded; teacher M1, sharded; trainable params)."""
+    cfg = config(args.shape)
+    old = random_model(cfg, dtype, env.device, seed=1)
+    lora.add_adapter(old, "task", rank=args.rank, alpha=2 * args.rank)
+    student = random_model(cfg, dtype, env.device, seed=2)
+    lora.add_adapter(student, "task", rank=args.rank, alpha=2 * args.rank)
+    lora.copy_adapter(student, "task", "compat")
+    lora.mark_trainable(student, "compat")
+    student = train.prepare(student, env, args.grad_checkpointing)
+    old = train.frozen_teacher(old, env)
+    return student, old, lora.adapter_parameters(student, "compat"), cfg
+
+
+def model_flops_per_token(cfg: dict, n_params: int, seq: int) -> float:
+    attention = 4 * cfg["num_hidden_layers"] * seq * cfg["hidden_size"]
+    return 8 * n_params + 5 * attention
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shape", default="7b", choices=sorted(SHAPES))
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps (after 2 warm-up)")
+    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    args = p.parse_args()
+
+    env = distributed.setup()
+    dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
+    peak_tflops = matmul_tflops(env.device, dtype)
+    student, old, params, cfg = build(args, env, dtype)
+    n_params = sum(p.numel() for n, p in student.named_parameters() if ".lora_" not in n)
+    loss_fn = train.muscle_loss(student, old, argparse.Namespace(
+        mask="student_correct", temperature=2.0, ce_weight=0.0, chunk_size=args.chunk_size))
+    ids = torch.randint(0, cfg["vocab_size"], (args.batch_size, args.seq_len), device=env.device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with tempfile.TemporaryDirectory() as run_dir:
+        fit = trainer.Trainer(student, params, loss_fn, trainer.FitConfig(grad_accum=1, warmup_steps=1),
+                              Path(run_dir), env)
+        for _ in range(2):
+            fit.step([batch], [], total_steps=args.steps + 2)
+        sync(env.device)
+        if env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            loss, tokens, _ = fit.step([batch], [], total_steps=args.steps + 2)
+        sync(env.device)
+        seconds = (time.perf_counter() - start) / args.steps
+    tokens_per_s = args.batch_size * args.seq_len / seconds
+    achieved = tokens_per_s * model_flops_per_token(cfg, n_params, args.seq_len) / 1e12
+    result = {
+        "device": torch.cuda.get_device_name() if env.device.type == "cuda" else "cpu",
+        "shape": args.shape, "params_base": n_params, "trainable": sum(p.numel() for p in params.values()),
+        "batch": args.batch_size, "seq_len": args.seq_len, "grad_checkpointing": args.grad_checkpointing,
+        "step_s": round(seconds, 4), "tokens_per_s": round(tokens_per_s, 1), "loss": loss,
+        "peak_memory_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                            if env.device.type == "cuda" else None),
+        "model_tflops": round(achieved, 2), "matmul_tflops": round(peak_tflops, 2),
+        "mfu": round(achieved / peak_tflops, 4),
+    }
+    print(json.dumps(result))
+    distributed.teardown()
+
+
+if __name__ == "__main__":
+    main()
