@@ -139,6 +139,28 @@ def test_gradients_reach_only_the_compatibility_adapter(tiny_models):
     assert lora.active_adapter(new) == "compat"  # the teacher's adapter switch was undone
 
 
+def test_activation_checkpointing_keeps_names_and_gradients(tiny_models):
+    import distributed
+
+    tok = models.load_tokenizer(tiny_models[1])
+    batch = data.collate([example(tok, t) for t in CORPUS[:3]], tok.pad_id)
+    grads = []
+    for checkpointing in (False, True):
+        model = models.load_model(tiny_models[1])
+        torch.manual_seed(0)
+        lora.add_adapter(model, "task", rank=4, alpha=8)
+        lora.mark_trainable(model, "task")
+        names = sorted(lora.adapter_parameters(model, "task"))
+        if checkpointing:
+            distributed.enable_activation_checkpointing(model)
+        train.ce_loss(model.train())(batch).loss.backward()
+        params = lora.adapter_parameters(model, "task")
+        assert sorted(params) == names
+        grads.append({n: p.grad for n, p in params.items()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-8)
+
+
 def test_lr_schedule_warmup_then_cosine():
     assert [trainer.lr_factor(s, 4, 12) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert trainer.lr_factor(8, 4, 12) == pytest.approx(0.5)
@@ -149,23 +171,26 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def quadratic_problem(nan_at=None, signal_at=None):
-    """A 3-parameter least-squares problem for fit, with an optional NaN or SIGTERM at a step."""
+    """A 3-parameter least-squares problem for fit, with an optional NaN or SIGTERM at a call.
+
+    Batches are (x, y) with y = x . [1, -2, 0.5]; the weights start at 0."""
     model = torch.nn.Linear(3, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
     target = torch.tensor([[1.0, -2.0, 0.5]])
     calls = {"n": 0}
 
-    def loss_fn(x):
+    def loss_fn(batch):
+        x, y = batch
         calls["n"] += 1
         if calls["n"] == signal_at:
             os.kill(os.getpid(), signal.SIGTERM)
-        y = x @ target.T
         loss = ((model(x) - y) ** 2).sum()
         return (loss * math.nan if calls["n"] == nan_at else loss), x.shape[0]
 
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(2, 3, generator=g) for _ in range(6)]
-    return model, loss_fn, (lambda epoch: xs), xs[:2]
+    data = [(x, x @ target.T) for x in xs]
+    return model, loss_fn, (lambda epoch: data), data[:2]
 
 
 FIT = trainer.FitConfig(epochs=2, lr=0.1, warmup_steps=1, grad_accum=2, save_every=1, log_every=1)
@@ -197,6 +222,19 @@ def test_sigterm_checkpoints_then_resume_matches_an_uninterrupted_run(tmp_path):
     log = read_log(tmp_path / "b" / "log.jsonl")
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["epoch"] for r in log if "val_loss" in r] == [0, 1]
+
+
+def test_best_epoch_is_kept_not_the_last(tmp_path):
+    """Validation targets 0 (the initial weights), which training moves away from: epoch 0 stays
+    the best and on_best runs once."""
+    model, loss_fn, batches, val = quadratic_problem()
+    val = [(x, torch.zeros_like(y)) for x, y in val]
+    best = []
+    result = trainer.fit(model, dict(model.named_parameters()), loss_fn, batches, val, FIT, tmp_path,
+                         on_best=best.append)
+    val_losses = [r["val_loss"] for r in read_log(tmp_path / "log.jsonl") if "val_loss" in r]
+    assert val_losses[0] < val_losses[1]
+    assert (result.best_epoch, best, result.best_val_loss) == (0, [0], val_losses[0])
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
