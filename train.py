@@ -102,19 +102,18 @@ def check_same_vocab(old: str, new: str) -> None:
     vocabulary (PAPER.md: updates into Llama 3 change it and are out of scope)."""
     tokenizers = [models.load_tokenizer(n) for n in (old, new)]
     sizes = [models.read_config(models.resolve(n)).get("vocab_size") for n in (old, new)]
-    lengths = [t.vocab_size for t in tokenizers]
-    differing = [(i, *(t.decode([i]) for t in tokenizers)) for i in range(min(lengths))
-                 if tokenizers[0].decode([i]) != tokenizers[1].decode([i])][:3]
-    if sizes[0] != sizes[1] or lengths[0] != lengths[1] or differing:
-        first = "; ".join(f"id {i}: {a!r} vs {b!r}" for i, a, b in differing)
-        if not differing:  # the smaller vocabulary is a prefix of the larger one
-            longer = tokenizers[lengths[1] > lengths[0]]
-            first = "; ".join(f"id {i}: {longer.decode([i])!r} in one only"
-                              for i in range(min(lengths), min(lengths) + 3))
+    vocabs = [[t.decode([i]) for i in range(t.vocab_size)] for t in tokenizers]
+    differing = [f"id {i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(*vocabs)) if a != b][:3]
+    if not differing:  # one vocabulary is a prefix of the other: name what the longer one adds
+        n = min(map(len, vocabs))
+        extra = max(vocabs, key=len)[n:n + 3]
+        differing = [f"id {n + j}: {token!r} in one only" for j, token in enumerate(extra)]
+    if sizes[0] != sizes[1] or differing:
         raise ValueError(
             f"--old {old} and --new {new} do not share a vocabulary (model vocab_size {sizes[0]} vs "
-            f"{sizes[1]}, tokenizer sizes {lengths[0]} vs {lengths[1]}; first differing tokens: "
-            f"{first}). MUSCLE distils logits token by token and needs one vocabulary for both")
+            f"{sizes[1]}, tokenizer sizes {len(vocabs[0])} vs {len(vocabs[1])}; first differing "
+            f"tokens: {'; '.join(differing)}). MUSCLE distils logits token by token and needs "
+            f"one vocabulary for both")
 
 
 def model_dtype(args: argparse.Namespace, env: Dist) -> torch.dtype:
@@ -211,12 +210,16 @@ def train_adapter(args: argparse.Namespace, env: Dist, out: Path, stage: int, mo
                   name: str, loss_fn: LossFn, td: TaskData, base: str) -> dict:
     """Fit adapter `name` of `model` (already prepared) and keep the best epoch's copy."""
     d = stage_dir(out, stage)
+
+    def save_best(epoch: int) -> None:
+        lora.save_adapter(model, d / ADAPTER, name, base_model_name_or_path=base)
+
     result = fit(model, lora.adapter_parameters(model, name), loss_fn,
-                 td.train_batches(args.batch_size, args.seed, env), td.val_batches(args.batch_size, env),
-                 fit_config(args), d, env,
-                 on_best=lambda epoch: lora.save_adapter(model, d / ADAPTER, name, base_model_name_or_path=base),
-                 desc=f"stage {stage}")
-    return {"best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss, "steps": result.steps}
+                 td.train_batches(args.batch_size, args.seed, env),
+                 td.val_batches(args.batch_size, env), fit_config(args), d, env,
+                 on_best=save_best, desc=f"stage {stage}")
+    return {"best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+            "steps": result.steps}
 
 
 def load_base(name: str, args: argparse.Namespace, env: Dist) -> nn.Module:
@@ -244,29 +247,32 @@ def stage_compat(args: argparse.Namespace, env: Dist, out: Path, td: TaskData) -
     lora.load_adapter(old, adapter_dir(out, 1), "task")
     student = prepare(student, env, args.grad_checkpointing)
     old = frozen_teacher(old, env)
-    return train_adapter(args, env, out, 3, student, "compat", muscle_loss(student, old, args), td, args.new)
+    return train_adapter(args, env, out, 3, student, "compat", muscle_loss(student, old, args), td,
+                         args.new)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def predict(base: str, adapter: Path, items: list, path: Path, args: argparse.Namespace, env: Dist) -> None:
+def predict(base: str, adapter: Path, items: list, path: Path, args: argparse.Namespace,
+            env: Dist) -> None:
     """Prediction records of base + adapter on `items`, written to `path` (atomically, in item
     order). Each rank scores items r, r + W, ... with a whole (unsharded) model; rank 0 merges."""
     model = load_base(base, args, env)
     lora.load_adapter(model, adapter, "task")
     records = evaluation.evaluate(model, models.load_tokenizer(base), args.task,
                                   items[env.rank::env.world], batch_size=args.eval_batch_size)
-    part = path.with_name(f".{path.stem}.rank{env.rank}.jsonl")
-    evaluation.write_predictions(records, part)
+    parts = [path.with_name(f".{path.stem}.rank{r}.jsonl") for r in range(env.world)]
+    evaluation.write_predictions(records, parts[env.rank])
     distributed.barrier(env)
     if env.main:
-        parts = [_read_jsonl(path.with_name(f".{path.stem}.rank{r}.jsonl")) for r in range(env.world)]
-        merged = [parts[i % env.world][i // env.world] for i in range(len(items))]
-        checkpoint.write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
-        for r in range(env.world):
-            path.with_name(f".{path.stem}.rank{r}.jsonl").unlink()
+        shards = [_read_jsonl(part) for part in parts]
+        merged = [shards[i % env.world][i // env.world] for i in range(len(items))]
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged)
+        checkpoint.write_text_atomic(path, lines)
+        for part in parts:
+            part.unlink()
     distributed.barrier(env)
 
 
@@ -283,8 +289,8 @@ def stage_eval(args: argparse.Namespace, env: Dist, out: Path) -> dict:
             predict(base, adapter, items, d / f"{role}.jsonl", args, env)
             gc.collect()
     runs = {role: _read_jsonl(d / f"{role}.jsonl") for role in roles}
-    report = metrics.compatibility_report(runs["m1"], runs["m2"], runs["mc"],
-                                          sources={"old": "m1.jsonl", "new": "m2.jsonl", "compat": "mc.jsonl"})
+    sources = {"old": "m1.jsonl", "new": "m2.jsonl", "compat": "mc.jsonl"}
+    report = metrics.compatibility_report(runs["m1"], runs["m2"], runs["mc"], sources=sources)
     if env.main:
         metrics.write_report(report, d)
         print(metrics.format_report_text(report))

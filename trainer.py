@@ -125,8 +125,9 @@ class Trainer:
     """State of one `fit` call: the optimizer, the position in the data, the best epoch so far."""
 
     def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], loss_fn: LossFn,
-                 cfg: FitConfig, run_dir: Path, env: Dist):
+                 cfg: FitConfig, run_dir: Path, env: Dist, desc: str = "train"):
         self.model, self.params, self.loss_fn, self.cfg, self.env = model, params, loss_fn, cfg, env
+        self.desc = desc
         self.run_dir = Path(run_dir)
         self.optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_val_loss": math.inf,
@@ -166,7 +167,8 @@ class Trainer:
         return target
 
     # ----------------------------------------------------------------- one optimizer step
-    def step(self, micro_batches: Sequence[Any], stop: list[int], total_steps: int) -> tuple[float, int, bool]:
+    def step(self, micro_batches: Sequence[Any], stop: list[int],
+             total_steps: int) -> tuple[float, int, bool]:
         """One optimizer step on `micro_batches`: token-normalised gradients, clipping, AdamW.
 
         Returns (mean loss over the step's label tokens on all ranks, tokens, stop requested on
@@ -208,7 +210,48 @@ class Trainer:
     def log(self, record: dict) -> None:
         if self.env.main:
             with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({"stage": self.desc, **record}) + "\n")
+
+    def train_epoch(self, steps: Sequence[Sequence[Any]], stop: list[int], total: int,
+                    bar: tqdm) -> None:
+        """The epoch's remaining optimizer steps, with logging, periodic checkpoints and the
+        checkpoint-then-Interrupted exit on a stop request."""
+        state, cfg = self.state, self.cfg
+        tick, seen = time.perf_counter(), 0
+        while state["step_in_epoch"] < len(steps) and state["step"] < total:
+            loss, tokens, stop_now = self.step(steps[state["step_in_epoch"]], stop, total)
+            seen += tokens
+            rate = seen / (time.perf_counter() - tick)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}", epoch=state["epoch"])
+            if state["step"] % cfg.log_every == 0 or state["step"] == 1:
+                self.log({"epoch": state["epoch"], "step": state["step"], "loss": loss,
+                          "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": rate})
+            if stop_now:
+                self.interrupt(stop)
+            if cfg.save_every and state["step"] % cfg.save_every == 0:
+                self.save()
+
+    def end_epoch(self, val_batches: Sequence[Any], on_best: Callable[[int], None] | None) -> None:
+        """Validation loss; on a new best, `on_best`; then a checkpoint at the next epoch's start."""
+        state = self.state
+        val = self.validation_loss(val_batches)
+        if val < state["best_val_loss"]:
+            state["best_val_loss"], state["best_epoch"] = val, state["epoch"]
+            if on_best is not None:
+                on_best(state["epoch"])
+        self.log({"epoch": state["epoch"], "step": state["step"], "val_loss": val,
+                  "best_epoch": state["best_epoch"]})
+        state["epoch"] += 1
+        state["step_in_epoch"] = 0
+        self.save()
+
+    def interrupt(self, stop: list[int]) -> None:
+        """Checkpoint, then raise Interrupted (every rank, after a vote that reached all)."""
+        self.save()
+        raise Interrupted(stop[0] if stop else signal.SIGTERM,
+                          f"interrupted at step {self.state['step']}: checkpoint saved in "
+                          f"{self.run_dir / 'checkpoint'}; rerun the same command to resume")
 
 
 def fit(model: nn.Module, params: dict[str, nn.Parameter], loss_fn: LossFn,
@@ -226,46 +269,19 @@ def fit(model: nn.Module, params: dict[str, nn.Parameter], loss_fn: LossFn,
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model, params, loss_fn, cfg, run_dir, env)
+    trainer = Trainer(model, params, loss_fn, cfg, run_dir, env, desc)
     trainer.restore()
     state = trainer.state
-    steps_per_epoch = math.ceil(len(train_batches(0)) / cfg.grad_accum)
-    total = cfg.epochs * steps_per_epoch
+    total = cfg.epochs * math.ceil(len(train_batches(0)) / cfg.grad_accum)
     total = min(total, cfg.max_steps) if cfg.max_steps else total
-    bar = tqdm(total=total, initial=state["step"], desc=desc, disable=not env.main, dynamic_ncols=True)
-    with stop_requests() as stop:
+    with stop_requests() as stop, tqdm(total=total, initial=state["step"], desc=desc,
+                                       disable=not env.main, dynamic_ncols=True) as bar:
         while state["epoch"] < cfg.epochs and state["step"] < total:
             micro = train_batches(state["epoch"])
             steps = [micro[i:i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
-            tick, seen = time.perf_counter(), 0
-            while state["step_in_epoch"] < len(steps) and state["step"] < total:
-                loss, tokens, stop_now = trainer.step(steps[state["step_in_epoch"]], stop, total)
-                seen += tokens
-                rate = seen / (time.perf_counter() - tick)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}", epoch=state["epoch"])
-                if state["step"] % cfg.log_every == 0 or state["step"] == 1:
-                    trainer.log({"stage": desc, "epoch": state["epoch"], "step": state["step"],
-                                 "loss": loss, "lr": trainer.optimizer.param_groups[0]["lr"],
-                                 "tokens_per_s": rate})
-                if stop_now:
-                    trainer.save()
-                    signum = stop[0] if stop else signal.SIGTERM
-                    raise Interrupted(signum, f"interrupted at step {state['step']}: checkpoint "
-                                      f"saved in {run_dir / 'checkpoint'}; rerun the same command "
-                                      f"to resume")
-                if cfg.save_every and state["step"] % cfg.save_every == 0:
-                    trainer.save()
-            val = trainer.validation_loss(val_batches)
-            improved = val < state["best_val_loss"]
-            if improved:
-                state["best_val_loss"], state["best_epoch"] = val, state["epoch"]
-                if on_best is not None:
-                    on_best(state["epoch"])
-            trainer.log({"stage": desc, "epoch": state["epoch"], "step": state["step"],
-                         "val_loss": val, "best_epoch": state["best_epoch"]})
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-            trainer.save()
-    bar.close()
+            trainer.train_epoch(steps, stop, total, bar)
+            trainer.end_epoch(val_batches, on_best)
+        # A signal during the last validation: the stage is complete, but the process must stop.
+        if distributed.all_reduce_sum([float(bool(stop))], env)[0]:
+            trainer.interrupt(stop)
     return FitResult(state["best_epoch"], state["best_val_loss"], state["step"])
