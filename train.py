@@ -239,12 +239,13 @@ def stage_task(args: argparse.Namespace, env: Dist, out: Path, stage: int, td: T
 
 def stage_compat(args: argparse.Namespace, env: Dist, out: Path, td: TaskData) -> dict:
     """Stage 3: Ac on base v2, initialised as a copy of A2 (paper A.1), with the MUSCLE loss."""
+    a1, a2 = adapter_dir(out, 1), adapter_dir(out, 2)  # before loading anything
     student = load_base(args.new, args, env)
-    lora.load_adapter(student, adapter_dir(out, 2), "task")
+    lora.load_adapter(student, a2, "task")
     lora.copy_adapter(student, "task", "compat")
     lora.mark_trainable(student, "compat")
     old = load_base(args.old, args, env)
-    lora.load_adapter(old, adapter_dir(out, 1), "task")
+    lora.load_adapter(old, a1, "task")
     student = prepare(student, env, args.grad_checkpointing)
     old = frozen_teacher(old, env)
     return train_adapter(args, env, out, 3, student, "compat", muscle_loss(student, old, args), td,

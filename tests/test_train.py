@@ -268,6 +268,16 @@ def test_different_vocabularies_are_refused_before_training(tiny_models, tmp_pat
     assert not out.exists()
 
 
+def test_user_errors_exit_2_with_one_line(tiny_models, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(tiny_flags("no-such-model", tiny_models[1], data_dir, out)) == 2
+    assert "error: unknown model 'no-such-model'" in capsys.readouterr().err
+    assert train.main(tiny_flags(*tiny_models, data_dir, out, "--stage", "3")) == 2
+    err = capsys.readouterr().err
+    assert "stage1_task_old is not complete: run --stage 1 (or --stage all)" in err
+    assert "Traceback" not in err
+
+
 def test_out_with_another_configuration_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "run"
     flags = ["--old", "a", "--new", "b", "--task", "piqa", "--out", str(out)]
