@@ -351,22 +351,24 @@ def run(args: argparse.Namespace, env: Dist) -> None:
             torch.cuda.empty_cache()
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Every hyper-parameter is a flag with the paper's default, shown by --help."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--old", required=True, help="base v1: registry name, local checkpoint dir or hub id")
     a("--new", required=True, help="base v2 (same vocabulary as --old)")
     a("--task", required=True, help=f"one of {sorted(data.TASKS)}")
-    a("--data-dir", default=None, help="local copies of the task files (default: the hub)")
-    a("--out", default=None, help="run directory (default: runs/<old>-<new>-<task>)")
-    a("--stage", default="all", choices=["1", "2", "3", "4", "all"])
+    a("--data-dir", default=None, help="local copies of the task files; None: the pinned hub copies")
+    a("--out", default=None, help="run directory; None: runs/<old>-<new>-<task>")
+    a("--stage", default="all", choices=["1", "2", "3", "4", "all"],
+      help="1: task adapter on --old, 2: on --new, 3: compatibility adapter, 4: evaluation")
     a("--overwrite", action="store_true", help="delete a different run in --out and start over")
     g = p.add_argument_group("optimisation (paper appendix A.1)").add_argument
-    g("--epochs", type=int, default=10)
-    g("--lr", type=float, default=1e-4)
+    g("--epochs", type=int, default=10, help="passes over the 80%% training split")
+    g("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
     g("--warmup-steps", type=int, default=500, help="linear warm-up, then cosine decay to 0")
-    g("--weight-decay", type=float, default=0.0)
+    g("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g("--grad-accum", type=int, default=8, help="micro-batches per optimizer step")
     g("--batch-size", type=int, default=8,
       help="sequences per micro-batch over all processes (split between ranks), so one "
@@ -375,11 +377,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g("--seed", type=int, default=0, help="split, shuffling, LoRA initialisation, dropout")
     g("--max-len", type=int, default=512, help="tokens per sequence; longer contexts are cut on the left")
     g = p.add_argument_group("LoRA and MUSCLE (paper sections 4.1, 5)").add_argument
-    g("--rank", type=int, default=128)
+    g("--rank", type=int, default=128, help="LoRA rank, on every linear layer of the blocks")
     g("--alpha", type=float, default=256,
       help="scaling alpha/rank = 2; the paper's printed 156 lost its label, 2 x rank is the usual choice")
-    g("--dropout", type=float, default=0.0)
-    g("--mask", default="student_correct", choices=sorted(muscle.MASKS))
+    g("--dropout", type=float, default=0.0, help="LoRA dropout")
+    g("--mask", default="student_correct", choices=sorted(muscle.MASKS),
+      help="which teacher each token follows (muscle.MASKS; the paper's is student_correct)")
     g("--temperature", type=float, default=2.0, help="KL temperature (the loss carries T^2)")
     g("--ce-weight", type=float, default=0.0, help="weight of the auxiliary CE term (the paper's CE+)")
     g = p.add_argument_group("runs and resources").add_argument
@@ -392,8 +395,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g("--chunk-size", type=int, default=1024, help="positions per chunk of logits in the MUSCLE loss")
     g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
       help="base weights; auto: bf16 on GPU, fp32 on CPU (adapters always train in fp32)")
-    g("--eval-batch-size", type=int, default=8)
-    return p.parse_args(argv)
+    g("--eval-batch-size", type=int, default=8, help="items per forward in stage 4")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -278,6 +278,18 @@ def test_user_errors_exit_2_with_one_line(tiny_models, data_dir, tmp_path, capsy
     assert "Traceback" not in err
 
 
+def test_help_shows_every_default():
+    parser = train.build_parser()
+    options = [a for a in parser._actions if a.dest != "help"]
+    assert all(a.help for a in options)  # ArgumentDefaultsHelpFormatter shows defaults only then
+    text = " ".join(parser.format_help().split())
+    assert text.count("(default: ") == len(options) == 31
+    for flag, default in [("--epochs EPOCHS", "10"), ("--lr LR", "0.0001"), ("--rank RANK", "128"),
+                          ("--warmup-steps WARMUP_STEPS", "500"), ("--alpha ALPHA", "256"),
+                          ("--temperature TEMPERATURE", "2.0"), ("--grad-accum GRAD_ACCUM", "8")]:
+        assert text.split(flag + " ", 1)[1].split(" --", 1)[0].endswith(f"(default: {default})")
+
+
 def test_out_with_another_configuration_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "run"
     flags = ["--old", "a", "--new", "b", "--task", "piqa", "--out", str(out)]
