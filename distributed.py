@@ -87,11 +87,14 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 def shard(model: nn.Module, env: Dist) -> nn.Module:
-    """FSDP2 per transformer block, then lm_head (called on its own by the chunked loss), then root.
+    """FSDP2 per transformer block, then the root (embeddings, final norm, lm_head).
 
     `hidden_states` is registered as a forward method, so calling it (rather than forward)
-    gathers the root's parameters (embeddings, final norm). On GPU the parameters are computed
-    in bf16 and gradients reduced in fp32; trainable parameters should be fp32 already.
+    gathers the root's parameters; the root keeps them gathered after its forward
+    (reshard_after_forward=False) until its backward ends, so the chunked MUSCLE loss can call
+    `lm_head` once per chunk without any collective: ranks may have different numbers of chunks.
+    On GPU the parameters are computed in bf16 and gradients reduced in fp32; trainable
+    parameters should be fp32 already.
     """
     if not env.shard:
         return model.to(env.device)
@@ -104,7 +107,6 @@ def shard(model: nn.Module, env: Dist) -> nn.Module:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model.lm_head, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     register_fsdp_forward_method(model, "hidden_states")
     return model

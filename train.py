@@ -48,12 +48,10 @@ from trainer import Diverged, FitConfig, Interrupted, LossFn, fit
 class Batches(Sequence):
     """This rank's micro-batches: global micro-batches of `batch_size` sequences, rows dealt out
     round-robin over ranks (rank r takes rows r, r + W, ...), collated on access. The same
-    flags give the same global batches on any number of processes."""
+    flags give the same global batches, and the same numbers, on any number of processes."""
 
     def __init__(self, groups: list[list[data.Example]], pad_id: int, env: Dist):
-        # Every rank needs a row of every micro-batch (FSDP's collectives run in lock step).
-        self.groups = [g for g in groups if len(g) >= env.world]
-        self.pad_id, self.env = pad_id, env
+        self.groups, self.pad_id, self.env = groups, pad_id, env
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -61,7 +59,9 @@ class Batches(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        rows = self.groups[i][self.env.rank::self.env.world]
+        # A rank left without a row (a short last batch) runs one padding token without a
+        # label: FSDP's collectives need every rank in every forward, and it adds 0 tokens.
+        rows = self.groups[i][self.env.rank::self.env.world] or [([self.pad_id], [muscle.IGNORE_INDEX])]
         return {k: v.to(self.env.device) for k, v in data.collate(rows, self.pad_id).items()}
 
 
