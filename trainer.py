@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,9 @@ def stop_requests() -> Iterator[list[int]]:
     boundary, with a checkpoint. A second Ctrl-C interrupts at once; SIGTERM never does, because
     torchrun forwards one to every worker after a Ctrl-C and the checkpoint must still finish."""
     requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+        yield requested
+        return
 
     def handler(signum, frame):
         if signum == signal.SIGINT and signal.SIGINT in requested:
