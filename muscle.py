@@ -40,7 +40,8 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------
 # Masks. Inputs are *aligned* (already shifted): logits [B, T, V] and labels [B, T], position t
-# of the logits predicts labels[t]. Output: bool [B, T], True = follow the old model M1.
+# of the logits predicts labels[t] (per-position masks may also get [N, V] and [N]).
+# Output: bool of the labels' shape, True = follow the old model M1.
 # Values at ignored positions are irrelevant (the loss drops them). Computed without gradient.
 
 
@@ -162,21 +163,20 @@ Head = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _chunks(labels: torch.Tensor, mask: str, chunk_size: int):
-    """Index sets of the (already shifted) positions, chunk by chunk.
+    """Indices (along dim 0) of the chunks of `labels`, which is already shifted.
 
-    Per-position masks: only real label tokens, packed across rows into chunks of `chunk_size`
-    (padding is never projected). Sequence masks: groups of whole rows of about `chunk_size`
-    positions.
+    Per-position masks get labels flattened to [B*T]: only real label tokens, packed across rows
+    into chunks of `chunk_size` (padding is never projected). Sequence masks get [B, T]: groups
+    of whole rows of about `chunk_size` positions.
     """
-    batch, length = labels.shape
     if mask in SEQUENCE_MASKS:
-        rows = max(1, chunk_size // max(length, 1))
-        for start in range(0, batch, rows):
+        rows = max(1, chunk_size // max(labels.shape[1], 1))
+        for start in range(0, labels.shape[0], rows):
             yield slice(start, start + rows)
         return
-    flat = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(-1)
-    for start in range(0, flat.numel(), chunk_size):
-        yield flat[start:start + chunk_size]
+    real = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
+    for start in range(0, real.numel(), chunk_size):
+        yield real[start:start + chunk_size]
 
 
 def muscle_loss_chunked(h_student: torch.Tensor, h_old: torch.Tensor, h_new: torch.Tensor,
@@ -195,10 +195,9 @@ def muscle_loss_chunked(h_student: torch.Tensor, h_old: torch.Tensor, h_new: tor
     head_s, head_o, head_n = heads
     h_student, labels = _shift(h_student, labels)
     h_old, h_new = h_old[:, :-1].detach(), h_new[:, :-1].detach()
-    flat = mask not in SEQUENCE_MASKS
-    if flat:  # [1, B*T, H]: chunks are index sets over all rows' positions
-        h_student, h_old, h_new = (x.flatten(0, 1).unsqueeze(0) for x in (h_student, h_old, h_new))
-        labels = labels.flatten().unsqueeze(0)
+    if mask not in SEQUENCE_MASKS:  # positions of all rows in one dimension: [B*T, H]
+        h_student, h_old, h_new = (x.flatten(0, 1) for x in (h_student, h_old, h_new))
+        labels = labels.flatten()
 
     def chunk_loss(hs, ho, hn, y):
         with torch.no_grad():
@@ -210,8 +209,7 @@ def muscle_loss_chunked(h_student: torch.Tensor, h_old: torch.Tensor, h_new: tor
     total, tokens, follow_old = _upcast(h_student.sum()) * 0, 0, 0
     use_checkpoint = torch.is_grad_enabled() and h_student.requires_grad
     for idx in _chunks(labels, mask, chunk_size):
-        parts = (h_student[:, idx], h_old[:, idx], h_new[:, idx], labels[:, idx]) if flat else \
-                (h_student[idx], h_old[idx], h_new[idx], labels[idx])
+        parts = (h_student[idx], h_old[idx], h_new[idx], labels[idx])
         if use_checkpoint:
             out = checkpoint(chunk_loss, *parts, use_reentrant=False)
         else:

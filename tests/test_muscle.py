@@ -150,7 +150,7 @@ def test_chunked_packs_only_real_tokens():
     seen = []
     head = torch.nn.Linear(4, 5)
     def spy(h):
-        seen.append(h.shape[1])
+        seen.append(h.shape[0])
         return head(h)
     h = torch.randn(2, 5, 4)
     labels = torch.tensor([[1, 2, 3, -100, -100], [1, 2, 3, 4, 0]])
