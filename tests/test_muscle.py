@@ -177,3 +177,35 @@ def test_batch_without_label_tokens_still_backpropagates():
     out = muscle_loss_chunked(h, h, h, [head] * 3, torch.full((2, 4), -100))
     out.loss.backward()
     assert (out.loss.item(), out.tokens) == (0.0, 0) and h.grad.abs().sum() == 0
+
+
+def test_vectorised_loss_equals_a_per_token_loop_with_torch_distributions():
+    """Each mask written out per token from its definition; KL from torch.distributions."""
+    from torch.distributions import Categorical, kl_divergence
+
+    s, o, n, labels = random_case(seed=3)
+    T, w = 1.5, 0.25
+    logp = lambda z: torch.log_softmax(z, -1)  # noqa: E731
+    rules = {
+        "student_correct": lambda b, t, y: s[b, t].argmax() != y,
+        "token_likelihood": lambda b, t, y: logp(s[b, t])[y] < logp(o[b, t])[y],
+        "old_correct": lambda b, t, y: o[b, t].argmax() == y,
+        "none": lambda b, t, y: True,
+        "instance_likelihood": lambda b, t, y: sequence_ll(s, b) < sequence_ll(o, b),
+    }
+
+    def sequence_ll(z, b):
+        return sum(logp(z[b, t])[labels[b, t + 1]] for t in range(labels.shape[1] - 1)
+                   if labels[b, t + 1] != -100)
+    for name, follow_old in rules.items():
+        expected = 0.0
+        for b in range(labels.shape[0]):
+            for t in range(labels.shape[1] - 1):
+                y = labels[b, t + 1]
+                if y == -100:
+                    continue
+                teacher = o[b, t] if follow_old(b, t, y) else n[b, t]
+                kl = kl_divergence(Categorical(logits=teacher / T), Categorical(logits=s[b, t] / T))
+                expected += T**2 * kl - w * logp(s[b, t])[y]
+        got = muscle_loss(s, o, n, labels, mask=name, temperature=T, ce_weight=w).loss
+        assert got.item() == pytest.approx(float(expected), rel=1e-10), name
