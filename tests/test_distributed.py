@@ -21,6 +21,7 @@ def torchrun(*args, nproc=2, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # ~25 s: the whole pipeline twice, once under torchrun
 def test_two_processes_equal_one_step_by_step(tiny_models, data_dir, tmp_path):
     """Same flags (global batch 4 = 2 rows per rank) on 1 and 2 processes: every stage's losses
     agree step by step, the adapters agree, and the evaluation gives the same predictions.
@@ -49,6 +50,7 @@ def test_two_processes_equal_one_step_by_step(tiny_models, data_dir, tmp_path):
         assert [r["prediction"] for r in records[1]] == [r["prediction"] for r in records[0]]
 
 
+@pytest.mark.slow  # ~10 s: torchrun start-up
 def test_one_failing_rank_stops_all_ranks_promptly(tiny_models, data_dir, tmp_path):
     """Rank 1 raises in its second optimizer step; rank 0 waits in a collective and must not hang."""
     script = tmp_path / "fail_rank1.py"

@@ -311,6 +311,7 @@ def test_out_with_another_configuration_is_refused_unless_overwrite(tmp_path):
         train.check_run_config(stranger, train.parse_args(flags + ["--overwrite"]), Dist())
 
 
+@pytest.mark.slow  # ~5 s: three stages of training and three evaluations
 def test_all_four_stages_end_to_end_then_skipped(tiny_models, data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(tiny_flags(*tiny_models, data_dir, out)) == 0
@@ -347,6 +348,7 @@ def run_stage3(tiny_models, data_dir, out):
                             stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow  # ~30 s: five train.py subprocesses
 def test_sigkill_or_sigint_in_stage3_then_rerun_gives_the_uninterrupted_adapter(
         tiny_models, data_dir, tmp_path):
     """SIGKILL: the last checkpoint is intact. SIGINT: a checkpoint, a one-line message, exit
