@@ -13,6 +13,10 @@ resumed from its checkpoint when it was interrupted:
   4. evaluation of M1, M2, Mc on the task's test split (eval.py) and the compatibility report
      (metrics.py), printed and written to --out/stage4_eval.
 
+Dropout: the models being trained run in train mode, so the checkpoint's own dropout applies as
+in Hugging Face training (Phi-2's resid_pdrop = 0.1; Llama has none) besides --dropout on the
+LoRA input; teachers and validation run in eval mode, without any.
+
 The training loop `fit` lives in trainer.py (toy.py reuses it for full-parameter pre-training),
 the torch.distributed helpers in distributed.py, atomic checkpoints in checkpoint.py.
 """
