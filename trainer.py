@@ -105,14 +105,18 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1009 + rank
 
 
-def accumulate_gradients(loss_fn: LossFn, micro_batches: Sequence[Any]) -> tuple[float, int]:
+def accumulate_gradients(loss_fn: LossFn, micro_batches: Sequence[Any],
+                         model: nn.Module | None = None) -> tuple[float, int]:
     """Backpropagate the *summed* loss of each micro-batch; returns (loss sum, label tokens).
 
     Gradients are normalised afterwards by the token count of the whole step (scale_gradients),
-    so micro-batches of unequal length weigh each token equally, as one big batch would.
+    so micro-batches of unequal length weigh each token equally, as one big batch would. An
+    FSDP `model` reduces gradients across ranks once, after the last micro-batch.
     """
     loss_sum, tokens = 0.0, 0
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
+        if hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
         loss, n = loss_fn(batch)[:2]
         loss.backward()
         loss_sum, tokens = loss_sum + loss.item(), tokens + n
@@ -180,7 +184,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         torch.manual_seed(_step_seed(cfg.seed, self.state["step"], env.rank))
         self.model.train()
-        loss_sum, tokens = accumulate_gradients(self.loss_fn, micro_batches)
+        loss_sum, tokens = accumulate_gradients(self.loss_fn, micro_batches, self.model)
         loss_sum, tokens, stop_votes = distributed.all_reduce_sum(
             [loss_sum, float(tokens), float(bool(stop))], env)
         mean = loss_sum / max(tokens, 1)
