@@ -1,6 +1,5 @@
 """torchrun on CPU (gloo, FSDP2): two processes equal one, and one failing rank stops them all."""
 import json
-import os
 import subprocess
 import sys
 import time
