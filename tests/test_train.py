@@ -24,7 +24,6 @@ from distributed import Dist
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tiny models: one thread is ~10x faster than two on a busy 2-core machine (no spin-waiting).
-torch.set_num_threads(1)
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 CORPUS = ["the quick brown fox jumps over the lazy dog", "to open a jar, twist the lid",
           "use a towel to dry the dishes", "Goal: clean a shoe. Solution: brush it"] * 20
