@@ -1,6 +1,6 @@
-"""MUSCLE compatibility steps (stage 3) of a random Llama on one GPU: tokens/s, peak memory, MFU.
+"""LoRA training steps of a random Llama on one GPU: tokens/s, peak memory, MFU.
 
-The exact code path of `train.py --stage 3`: base v1 + task adapter (teacher M1), one base v2
+--step compat (default), the exact code path of `train.py --stage 3`: base v1 + task adapter (teacher M1), one base v2
 holding the frozen task adapter (teacher M2) and the trainable compatibility adapter (student),
 all in bf16 under FSDP2 (world size 1) with fp32 LoRA master weights, the chunked MUSCLE loss,
 AdamW. Weights are random (same shapes as the real models), so nothing is downloaded.
@@ -8,12 +8,23 @@ AdamW. Weights are random (same shapes as the real models), so nothing is downlo
     python bench/gpu_train.py --shape 7b --batch-size 4 --seq-len 512
     python bench/gpu_train.py --shape 1b --grad-checkpointing
     python bench/gpu_train.py --shape tiny --steps 3          # CPU smoke test of the script
+    python bench/gpu_train.py --step task --stack ours        # stage 1/2 step (CE), ours
+    python bench/gpu_train.py --step task --stack peft        # the same step in transformers + PEFT
+
+--step task is the task-adapter step of stages 1-2 (base + one trainable adapter, cross-entropy);
+with --stack peft the same shapes, rank and targets run as transformers' LlamaForCausalLM (built
+from the config in bf16, SDPA attention) + PEFT's get_peft_model (adapters in fp32, PEFT's
+default), through the same trainer.Trainer step (token-normalised gradients, clipping, AdamW).
+Run ours and peft on the same machine and compare; the compat/task ratio (issue 8's item 2) is
+`--step compat` over `--step task --stack ours`. Each run appends its JSON line to
+bench/RESULTS.md's GPU section.
 
 Model FLOPs per token (the MFU numerator; recomputation under --grad-checkpointing is not
 counted, as usual): three forward passes (M1, M2, student) at 2N each, plus the student's
 backward to its activations at 2N (the frozen base needs no weight gradients; the LoRA weight
 gradients are negligible), so 8N, plus attention scores at 4 * layers * seq * hidden per forward
-(the backward counted twice). The peak is a bf16 matmul rate measured here, not a datasheet.
+(the backward counted twice). The task step has one forward: 4N plus 3 attention terms. The
+peak is a bf16 matmul rate measured here, not a datasheet.
 """
 from __future__ import annotations
 
@@ -94,9 +105,39 @@ def build(args: argparse.Namespace, env: distributed.Dist, dtype: torch.dtype):
     return student, old, lora.adapter_parameters(student, "compat"), cfg
 
 
-def model_flops_per_token(cfg: dict, n_params: int, seq: int) -> float:
+def build_task(args: argparse.Namespace, env: distributed.Dist, dtype: torch.dtype):
+    """(model, trainable params, loss_fn -> (loss sum, tokens)) for one task adapter, ours or PEFT's."""
+    cfg = config(args.shape)
+    if args.stack == "ours":
+        model = random_model(cfg, dtype, env.device, seed=2)
+        lora.add_adapter(model, "task", rank=args.rank, alpha=2 * args.rank)
+        lora.mark_trainable(model, "task")
+        model = train.prepare(model, env, args.grad_checkpointing)
+        return model, lora.adapter_parameters(model, "task"), train.ce_loss(model), cfg
+    import peft
+    import transformers
+
+    torch.manual_seed(2)
+    hf_config = transformers.LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
+    with torch.device(env.device):
+        base = transformers.LlamaForCausalLM._from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = peft.get_peft_model(base, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets))
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss_fn(b):  # the mean over the shifted labels, back to a sum as the Trainer expects
+        tokens = int((b["labels"][:, 1:] != -100).sum())
+        return model(**b).loss * tokens, tokens
+    return model, params, loss_fn, cfg
+
+
+def model_flops_per_token(cfg: dict, n_params: int, seq: int, forwards: int) -> float:
+    """2N per forward, 2N for the student's backward to its activations, attention terms."""
     attention = 4 * cfg["num_hidden_layers"] * seq * cfg["hidden_size"]
-    return 8 * n_params + 5 * attention
+    return 2 * n_params * (forwards + 1) + (forwards + 2) * attention
 
 
 def main() -> None:
@@ -109,15 +150,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps (after 2 warm-up)")
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--step", default="compat", choices=["compat", "task"])
+    p.add_argument("--stack", default="ours", choices=["ours", "peft"], help="--step task only")
     args = p.parse_args()
+    if args.stack == "peft" and args.step != "task":
+        p.error("--stack peft times the task step only (PEFT has no MUSCLE loss): add --step task")
 
     env = distributed.setup()
     dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
     peak_tflops = matmul_tflops(env.device, dtype)
-    student, old, params, cfg = build(args, env, dtype)
-    n_params = sum(p.numel() for n, p in student.named_parameters() if ".lora_" not in n)
-    loss_fn = train.muscle_loss(student, old, argparse.Namespace(
-        mask="student_correct", temperature=2.0, ce_weight=0.0, chunk_size=args.chunk_size))
+    if args.step == "compat":
+        student, old, params, cfg = build(args, env, dtype)
+        loss_fn = train.muscle_loss(student, old, argparse.Namespace(
+            mask="student_correct", temperature=2.0, ce_weight=0.0, chunk_size=args.chunk_size))
+    else:
+        student, params, loss_fn, cfg = build_task(args, env, dtype)
+    n_params = sum(p.numel() for n, p in student.named_parameters() if "lora_" not in n)
     ids = torch.randint(0, cfg["vocab_size"], (args.batch_size, args.seq_len), device=env.device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     with tempfile.TemporaryDirectory() as run_dir:
@@ -134,10 +182,11 @@ def main() -> None:
         sync(env.device)
         seconds = (time.perf_counter() - start) / args.steps
     tokens_per_s = args.batch_size * args.seq_len / seconds
-    achieved = tokens_per_s * model_flops_per_token(cfg, n_params, args.seq_len) / 1e12
+    forwards = 3 if args.step == "compat" else 1
+    achieved = tokens_per_s * model_flops_per_token(cfg, n_params, args.seq_len, forwards) / 1e12
     result = {
         "device": torch.cuda.get_device_name() if env.device.type == "cuda" else "cpu",
-        "shape": args.shape, "params_base": n_params, "trainable": sum(p.numel() for p in params.values()),
+        "step": args.step, "stack": args.stack, "shape": args.shape, "params_base": n_params, "trainable": sum(p.numel() for p in params.values()),
         "batch": args.batch_size, "seq_len": args.seq_len, "grad_checkpointing": args.grad_checkpointing,
         "step_s": round(seconds, 4), "tokens_per_s": round(tokens_per_s, 1), "loss": loss,
         "peak_memory_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -146,7 +195,21 @@ def main() -> None:
         "mfu": round(achieved / peak_tflops, 4),
     }
     print(json.dumps(result))
+    if env.main and env.device.type == "cuda":
+        record(result)
     distributed.teardown()
+
+
+def record(result: dict) -> None:
+    """Append the run's JSON line to the GPU section of bench/RESULTS.md (kept across runs)."""
+    from bench import common
+
+    start = "<!-- bench:gpu -->"
+    text = common.RESULTS.read_text() if common.RESULTS.is_file() else ""
+    lines = text.split(start, 1)[1].split("<!-- /bench:gpu -->")[0].splitlines() if start in text else []
+    runs = [line for line in lines if line.startswith("- `{")]
+    runs.append(f"- `{json.dumps(result)}` ({time.strftime('%Y-%m-%d', time.gmtime())}, torch {torch.__version__})")
+    common.write_section("gpu", "GPU: LoRA task and MUSCLE steps (bf16)", "\n".join(runs))
 
 
 if __name__ == "__main__":

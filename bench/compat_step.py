@@ -1,0 +1,101 @@
+"""Cost of a MUSCLE compatibility step relative to a task step on the same model.
+
+Task step (stages 1-2): base v2 + task adapter, next-token CE (train.ce_loss), backward, AdamW.
+Compatibility step (stage 3): the student v2 + compat adapter, the frozen M1 = v1 + its task
+adapter and M2 = the student's own base with the task adapter (lora.use_adapter), the masked KL
+(train.muscle_loss -> muscle.muscle_loss_chunked), backward, AdamW. Both use train.py's loss
+functions and its defaults (rank, alpha, mask, temperature, chunk size), so this times the code
+the pipeline runs. The extra work is two no-grad teacher forwards and the three-way loss.
+
+    python bench/compat_step.py [--batch 2] [--seq 128] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from bench import common
+from bench.train_step import CONFIGS, random_batch
+
+MODEL = "smollm"
+
+
+def with_adapter(path: Path, rank: int, alpha: float) -> torch.nn.Module:
+    """A base with a 'task' adapter whose B is random too, as a trained adapter's would be."""
+    import lora
+    import models
+
+    model = models.load_model(path)
+    lora.add_adapter(model, "task", rank=rank, alpha=alpha)
+    with torch.no_grad():
+        for name, p in lora.adapter_parameters(model, "task").items():
+            if ".lora_B." in name:
+                p.normal_(0, 0.01)
+    return model
+
+
+def step(model: torch.nn.Module, adapter: str, loss_fn: Callable, batch: dict) -> Callable[[], float]:
+    """One optimizer step training `adapter` (made active and the only trainable parameters)."""
+    import lora
+
+    params = list(lora.adapter_parameters(model, adapter).values())
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def run() -> float:
+        lora.set_adapter(model, adapter)
+        lora.mark_trainable(model, adapter)
+        model.train()
+        total = loss_fn(batch)
+        (total.loss / total.tokens).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total.loss.item()
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    common.setup()
+    import lora
+    import train
+
+    defaults = train.parse_args(["--old", "v1", "--new", "v2", "--task", "piqa"])
+    cfg = CONFIGS[MODEL]
+    v1 = common.save_random_hf_checkpoint(cfg, common.CACHE / f"compat-{MODEL}-v1", seed=1)
+    v2 = common.save_random_hf_checkpoint(cfg, common.CACHE / f"train-{MODEL}", seed=0)
+    old = with_adapter(v1, defaults.rank, defaults.alpha).eval().requires_grad_(False)
+    student = with_adapter(v2, defaults.rank, defaults.alpha)
+    lora.copy_adapter(student, "task", "compat")
+    batch = random_batch(cfg["vocab_size"], args.batch, args.seq)
+    timings = common.interleave({"task": step(student, "task", train.ce_loss(student), batch),
+                                 "compat": step(student, "compat", train.muscle_loss(student, old, defaults), batch)},
+                                args.repeats)
+    t_task, t_compat = timings["task"], timings["compat"]
+    tokens = args.batch * args.seq
+    rows = [[MODEL, f"{args.batch} x {args.seq}", f"{t_task.median:.2f}", f"{t_compat.median:.2f}",
+             f"{tokens / t_task.median:.0f}", f"{tokens / t_compat.median:.0f}",
+             f"**{t_compat.median / t_task.median:.2f}x**", f"{t_task.spread()} / {t_compat.spread()}"]]
+    header = ["model", "batch", "task step s", "compat step s", "task tok/s", "compat tok/s",
+              "compat / task (target <= 1.6)", "range task / compat"]
+    body = (f"SmolLM-135M-shaped Llama ({', '.join(f'{k}={v}' for k, v in cfg.items() if k.endswith(('size', 'layers', 'heads')))}), "
+            f"float32, LoRA rank {defaults.rank} alpha {defaults.alpha} on all block linears (train.py defaults), "
+            f"mask {defaults.mask}, T={defaults.temperature}, ce_weight {defaults.ce_weight}, chunk {defaults.chunk_size}. "
+            f"Task step = train.ce_loss; compat step = train.muscle_loss (M1 forward + M2 forward without "
+            f"grad, student forward, chunked masked KL); both + backward + clip + AdamW. {args.repeats} "
+            f"interleaved repeats after 1 warm-up, medians.\n\n" + common.table(header, rows))
+    common.write_section("compat_step", "MUSCLE compatibility step vs task step", body)
+
+
+if __name__ == "__main__":
+    main()
