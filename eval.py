@@ -51,6 +51,7 @@ class Request:
 
     tokens: list[int]
     targets: list[int]
+    truncated: bool = False  # the context lost tokens on the left to fit max_length
 
     @property
     def start(self) -> int:
@@ -78,7 +79,16 @@ def encode_request(tokenizer: Any, context: str, continuation: str, add_bos: boo
     if not 0 < len(targets) <= max_length:
         raise ValueError(f"continuation {continuation!r} after context {context!r} encodes to {len(targets)} "
                          f"tokens; scoring needs 1 to max_length={max_length}")
-    return Request((context_ids + targets)[-(max_length + 1):][:-1], targets)
+    whole = context_ids + targets
+    return Request(whole[-(max_length + 1):][:-1], targets, truncated=len(whole) > max_length + 1)
+
+
+def note_truncated(n: int, total: int, what: str, limit: int) -> None:
+    """Say how many inputs were cut on the left to fit the model (issue 9: a long input is
+    truncated as the harness does, never a crash, and never silently)."""
+    if n:
+        print(f"note: {n} of {total} {what} did not fit in {limit} tokens and lost the start of "
+              f"their context", file=sys.stderr)
 
 
 def _continuation_score(logits: torch.Tensor, targets: Sequence[int]) -> tuple[float, bool]:
@@ -226,6 +236,7 @@ def score_choices(model: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
     max_length = max_length or model.config.max_position_embeddings
     requests = [[encode_request(tokenizer, it.context, " " + c, add_bos, max_length) for c in it.choices]
                 for it in items]
+    note_truncated(sum(any(r.truncated for r in reqs) for reqs in requests), len(items), "items", max_length)
     scores = score_requests(model, requests, batch_size, fast, progress)
     return [{"id": it.id, **choice_record(it, s)} for it, s in zip(items, scores)]
 
@@ -336,7 +347,9 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max
     budget = max_length - max_new_tokens
     if budget <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt (max_length={max_length})")
-    ids = [tokenizer.encode(p, add_bos=add_bos)[-budget:] for p in prompts]
+    ids = [tokenizer.encode(p, add_bos=add_bos) for p in prompts]
+    note_truncated(sum(len(i) > budget for i in ids), len(ids), "prompts", budget)
+    ids = [i[-budget:] for i in ids]
     outputs = generate_ids(model, tokenizer, ids, max_new_tokens, stop, no_repeat_ngram_size, batch_size, progress)
     return [cut_at_stop(tokenizer.decode(t), stop) for t in outputs]
 
@@ -440,11 +453,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["compare"]:
-        return metrics.compare_main(argv[1:])
-    args = parse_args(argv)
+# Errors a user can cause (wrong name, path, file, shape, data; no network, gated repo): one line
+# naming the input and the fix, exit status 2, no traceback (issue 9).
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Evaluate --model (+ --adapter) on --task; write the records, print the metrics."""
     spec = data.get_task(args.task)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     auto = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -459,6 +474,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = write_predictions(records, args.out)
     print(json.dumps({"task": spec.name, **summarize(spec.name, records)}))
     print(f"wrote {len(records)} predictions to {path}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        return metrics.compare_main(argv[1:])
+    args = parse_args(argv)
+    try:
+        run(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

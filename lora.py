@@ -334,8 +334,11 @@ def _is_writer() -> bool:
 def _replace_file(path: Path, write) -> None:
     """Write through a temporary file and os.replace, so `path` is never half written."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:  # a failed write (disk full) leaves no half-written temporary behind
+        tmp.unlink(missing_ok=True)
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",

@@ -120,6 +120,17 @@ def check_same_vocab(old: str, new: str) -> None:
             f"one vocabulary for both")
 
 
+def check_max_len(args: argparse.Namespace) -> None:
+    """--max-len must fit both models' context: positions beyond max_position_embeddings were
+    never trained. Longer examples are cut to --max-len (data.encode_pairs), and counted."""
+    for flag, name in (("--old", args.old), ("--new", args.new)):
+        context = models.read_config(models.resolve(name)).get("max_position_embeddings")
+        if context and args.max_len > context:
+            raise ValueError(f"--max-len {args.max_len} is longer than the context of {flag} {name} "
+                             f"(max_position_embeddings {context}); pass --max-len {context} or less "
+                             f"(longer examples lose the start of their context)")
+
+
 def model_dtype(args: argparse.Namespace, env: Dist) -> torch.dtype:
     """--dtype auto: the frozen base in bf16 on GPU, fp32 on CPU."""
     if args.dtype == "auto":
@@ -337,6 +348,7 @@ def check_run_config(out: Path, args: argparse.Namespace, env: Dist) -> None:
 def run(args: argparse.Namespace, env: Dist) -> None:
     out = Path(args.out or f"runs/{Path(args.old).name}-{Path(args.new).name}-{args.task}")
     check_same_vocab(args.old, args.new)
+    check_max_len(args)
     check_run_config(out, args, env)
     stages = [1, 2, 3, 4] if args.stage == "all" else [int(args.stage)]
     td = None
@@ -413,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(args, env)
         return 0
-    except (ValueError, FileNotFoundError) as e:  # a wrong input: the message says what to fix
+    except evaluation.USER_ERRORS as e:  # a wrong input: the message says what to fix
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Diverged as e:
