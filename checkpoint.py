@@ -13,6 +13,7 @@ rank 0 (the caller gathers sharded tensors first).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -70,6 +71,12 @@ def save(root: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) ->
         shutil.rmtree(final, ignore_errors=True)  # a leftover of a crash before `latest` moved
         os.replace(tmp, final)
         write_text_atomic(root / POINTER, final.name)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        kept = f"the previous checkpoint {previous} is intact" if previous else "there was no earlier checkpoint"
+        raise OSError(e.errno, f"No space left on device while writing a checkpoint in {root}; {kept}: "
+                               f"free some space and rerun the same command to resume") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in root.glob("ckpt-*"):

@@ -458,6 +458,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 USER_ERRORS = (ValueError, OSError, ImportError)
 
 
+def _same_model(a: str, b: str) -> bool:
+    """Whether two --model spellings name one checkpoint: registry names count as their hub id,
+    local directories by their resolved path."""
+    def canonical(name: str) -> str:
+        path = Path(name).expanduser()
+        return str(path.resolve()) if path.is_dir() else models.REGISTRY.get(name, name)
+    return canonical(a) == canonical(b)
+
+
+def warn_if_other_base(adapter: str, model_name: str) -> None:
+    """Llama-1 and Llama-2 (or Phi-1.5 and Phi-2) have the same shapes, so an adapter of one loads
+    onto the other without error; the base_model_name_or_path it was saved with tells them apart."""
+    config = json.loads((Path(adapter) / lora.CONFIG_NAME).read_text(encoding="utf-8"))
+    base = config.get("base_model_name_or_path")
+    if base and not _same_model(base, model_name):
+        print(f"warning: adapter {adapter} was trained on {base!r}, not on --model {model_name!r}; "
+              f"its predictions on another base mean little", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> None:
     """Evaluate --model (+ --adapter) on --task; write the records, print the metrics."""
     spec = data.get_task(args.task)
@@ -466,6 +485,7 @@ def run(args: argparse.Namespace) -> None:
     model = models.load_model(args.model, dtype=DTYPES.get(args.dtype, auto), device=device)
     if args.adapter:
         lora.load_adapter(model, args.adapter)
+        warn_if_other_base(args.adapter, args.model)
     tokenizer = models.load_tokenizer(args.model)
     items = data.load_task(spec, args.split or spec.eval_split, args.data_dir)
     shots = data.load_task(spec, "train", args.data_dir) if args.num_fewshot else ()

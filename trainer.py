@@ -220,6 +220,21 @@ class Trainer:
             with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps({"stage": self.desc, **record}) + "\n")
 
+    def trim_log(self) -> None:
+        """Drop the log records of work after the checkpoint being resumed (a crash, SIGKILL or
+        full disk before it was saved): that work is redone and logged again, once."""
+        path = self.run_dir / "log.jsonl"
+        if not (self.env.main and path.is_file()):
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):  # a line cut short by SIGKILL
+                record = json.loads(line)
+                if (record["epoch"] < self.state["epoch"] if "val_loss" in record
+                        else record["step"] <= self.state["step"]):
+                    kept.append(line + "\n")
+        checkpoint.write_text_atomic(path, "".join(kept))
+
     def train_epoch(self, steps: Sequence[Sequence[Any]], stop: list[int], total: int,
                     bar: tqdm) -> None:
         """The epoch's remaining optimizer steps, with logging, periodic checkpoints and the
@@ -279,6 +294,7 @@ def fit(model: nn.Module, params: dict[str, nn.Parameter], loss_fn: LossFn,
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(model, params, loss_fn, cfg, run_dir, env, desc)
     trainer.restore()
+    trainer.trim_log()
     state = trainer.state
     total = cfg.epochs * math.ceil(len(train_batches(0)) / cfg.grad_accum)
     total = min(total, cfg.max_steps) if cfg.max_steps else total

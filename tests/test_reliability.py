@@ -10,13 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import data
 import eval as ev
 import lora
 import models
 import train
 from distributed import Dist
-from test_train import CORPUS, ROOT, tiny_flags, tiny_models  # noqa: F401 (fixture)
+from test_train import CORPUS, ROOT, read_log, tiny_flags, tiny_models  # noqa: F401 (fixture)
 
 LLAMA = dict(model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -41,12 +42,12 @@ def saved_adapter(model: torch.nn.Module, path: Path) -> Path:
 
 
 def assert_one_line_error(err: str, *fragments: str) -> None:
-    """A message, not a traceback: its first line names the input and the fix (a list of the
-    expected files may follow on the next lines)."""
-    first = err.split("\n")[0]
-    assert first.startswith("error: ") and "Traceback" not in err, err
+    """A message, not a traceback: one line starting with "error: " names the input and the fix
+    (progress bars may precede it, a list of the expected files may follow it)."""
+    lines = [line for line in err.split("\n") if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
     for fragment in fragments:
-        assert fragment in first, err
+        assert fragment in lines[0], err
 
 
 # ------------------------------------------------------------------ longer than the context
@@ -156,6 +157,36 @@ def test_disk_full_while_saving_an_adapter_keeps_the_previous_one(tmp_path, monk
     assert kept.keys() == previous.keys() and all(torch.equal(kept[k], previous[k]) for k in kept)
 
 
+def test_disk_full_during_training_is_one_line_and_the_rerun_resumes(tiny_models, data_dir, tmp_path,
+                                                                     monkeypatch, capsys):
+    """The disk fills up at the third checkpoint of stage 1: the second stays the latest, the
+    message says so, and the rerun ends with the adapter of a run that never failed."""
+    flags = [*tiny_flags(*tiny_models, data_dir, tmp_path / "run", "--stage", "1", "--save-every", "1")]
+    clean = tmp_path / "clean"
+    assert train.main([*flags, "--out", str(clean)]) == 0
+    real, calls = checkpoint.save_file, []
+
+    def fills_up(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(checkpoint, "save_file", fills_up)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert train.main(flags) == 2
+    ckpt = run / train.STAGES[1] / "checkpoint"
+    assert_one_line_error(capsys.readouterr().err, f"No space left on device while writing a checkpoint in {ckpt}; "
+                          f"the previous checkpoint {ckpt / 'ckpt-000001'} is intact: free some space and rerun")
+    assert checkpoint.load(ckpt)[1]["step"] == 2 and not (run / train.STAGES[1] / "DONE").exists()
+    monkeypatch.setattr(checkpoint, "save_file", real)
+    assert train.main(flags) == 0
+    assert [r["step"] for r in read_log(run / train.STAGES[1] / "log.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    adapters = [load_file(out / train.STAGES[1] / "adapter" / "adapter_model.safetensors") for out in (clean, run)]
+    for k in adapters[0]:
+        torch.testing.assert_close(adapters[1][k], adapters[0][k], rtol=0, atol=1e-6)
+
+
 # ------------------------------------------------------------------ the command lines
 
 
@@ -178,6 +209,22 @@ def test_eval_cli_user_errors_are_one_line_and_exit_2(tiny_models, data_dir, tmp
         assert ev.main(argv) == 2, flags
         assert_one_line_error(capsys.readouterr().err, *fragments)
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_eval_cli_warns_when_an_adapter_of_the_same_shape_was_trained_on_another_base(
+        tiny_models, data_dir, tmp_path, capsys):
+    """v1 and v2 have the same shapes (as Llama-1 and -2): loading works, a warning names both."""
+    v1, v2 = tiny_models
+    model = models.load_model(v1)
+    lora.add_adapter(model, "task", rank=2, alpha=4)
+    lora.save_adapter(model, tmp_path / "a1", "task", base_model_name_or_path=v1)
+    flags = ["--adapter", str(tmp_path / "a1"), "--task", "piqa", "--data-dir", str(data_dir), "--limit", "2",
+             "--out", str(tmp_path / "p.jsonl")]
+    assert ev.main(["--model", v2, *flags]) == 0
+    assert f"warning: adapter {tmp_path / 'a1'} was trained on {v1!r}, not on --model {v2!r}" in capsys.readouterr().err
+    assert ev.main(["--model", v1, *flags]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert ev._same_model("llama2", "meta-llama/Llama-2-7b-hf") and not ev._same_model("llama1", "llama2")
 
 
 def test_train_cli_turns_a_failed_download_into_one_line(tiny_models, tmp_path, monkeypatch, capsys):

@@ -387,5 +387,8 @@ def test_sigkill_or_sigint_in_stage3_then_rerun_gives_the_uninterrupted_adapter(
             torch.testing.assert_close(adapters[name][k], adapters["clean"][k], rtol=0, atol=1e-6)
     # Stage 3 started from A2 and moved away from it.
     assert any(not torch.equal(adapters["clean"][k], a2[k]) for k in a2)
+    for out in runs.values():  # each step logged once: work after the last checkpoint is not doubled
+        log = read_log(out / "stage3_compat" / "log.jsonl")
+        assert [r["step"] for r in log if "loss" in r] == list(range(1, 25))
     done = [json.loads((out / "stage3_compat" / "DONE").read_text()) for out in runs.values()]
     assert done[0] == done[1] == done[2] and done[0]["steps"] == 24
