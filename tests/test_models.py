@@ -91,10 +91,11 @@ def test_unknown_name_lists_the_registry():
 
 
 def test_directory_without_config_or_empty(tmp_path):
-    with pytest.raises(FileNotFoundError, match="is empty"):
+    with pytest.raises(FileNotFoundError, match="is empty: expected a Hugging Face checkpoint directory"):
         models.load_model(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
+    with pytest.raises(FileNotFoundError, match=r"has no config.json: expected a Hugging Face checkpoint directory "
+                                                r"\(config.json, \*.safetensors, tokenizer files\)"):
         models.load_model(tmp_path)
 
 
@@ -128,7 +129,8 @@ def test_missing_shard_and_missing_weights(tmp_path, hf_llama):
 
 def test_missing_tokenizer_files(llama_dir):
     (llama_dir / "tokenizer.json").unlink()
-    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+    with pytest.raises(FileNotFoundError, match=r"has no tokenizer \(tokenizer.json or tokenizer.model\); copy the "
+                                                r"tokenizer files of the original repo into it"):
         models.load_tokenizer(llama_dir)
 
 
