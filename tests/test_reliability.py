@@ -15,6 +15,7 @@ import data
 import eval as ev
 import lora
 import models
+import muscle
 import train
 from distributed import Dist
 from test_train import CORPUS, ROOT, read_log, tiny_flags, tiny_models  # noqa: F401 (fixture)
@@ -185,6 +186,24 @@ def test_disk_full_during_training_is_one_line_and_the_rerun_resumes(tiny_models
     adapters = [load_file(out / train.STAGES[1] / "adapter" / "adapter_model.safetensors") for out in (clean, run)]
     for k in adapters[0]:
         torch.testing.assert_close(adapters[1][k], adapters[0][k], rtol=0, atol=1e-6)
+
+
+def test_nan_loss_at_the_cli_is_one_line_exit_1_and_the_last_checkpoint_is_kept(tiny_models, data_dir, tmp_path,
+                                                                                monkeypatch, capsys):
+    """The 5th micro-batch of stage 1 (step 3) gives NaN: no update, the step-2 checkpoint stays."""
+    real, calls = muscle.causal_lm_loss, []
+
+    def nan_at_5(logits, labels):
+        calls.append(1)
+        out = real(logits, labels)
+        return out._replace(loss=out.loss * float("nan")) if len(calls) == 5 else out
+    monkeypatch.setattr(muscle, "causal_lm_loss", nan_at_5)
+    out = tmp_path / "run"
+    assert train.main(tiny_flags(*tiny_models, data_dir, out, "--stage", "1", "--save-every", "1")) == 1
+    ckpt = out / train.STAGES[1] / "checkpoint"
+    assert_one_line_error(capsys.readouterr().err, "loss is nan at step 3; stopped without updating. The last "
+                          f"good checkpoint is in {ckpt}; lower --lr or check the data, then rerun")
+    assert checkpoint.load(ckpt)[1]["step"] == 2 and not (out / train.STAGES[1] / "DONE").exists()
 
 
 # ------------------------------------------------------------------ the command lines
