@@ -9,20 +9,25 @@ food and number of legs follow its kind's rule most of the time, with exceptions
 are arbitrary facts. The pre-training corpus states facts as short sentences ("the zib is a bird .",
 "the zib eats seeds ."), mentioning popular creatures often and the long tail rarely.
 
-The update (PAPER.md Table 8 in miniature). v1 is a small Phi pre-trained briefly on one sample of the
-corpus; v2 is a larger Llama pre-trained longer on a larger, different sample. What a model knows is
-what it memorised or inferred from its corpus, so v2 knows more, but not everything v1 knew: the
-update moves which instances each model gets right (negative flips, PAPER.md section 3). Both share
-one word-level tokenizer: MUSCLE needs the same vocabulary, not the same architecture.
+The update (PAPER.md Table 8 in miniature). v1 is a Llama pre-trained briefly (600 steps) on one
+sample of the corpus; v2 is a Phi of the same vocabulary pre-trained twice as long on another
+sample. What a model knows is what it memorised or inferred from its corpus, so v2 knows more, but
+not everything v1 knew: the update moves which instances each model gets right (negative flips,
+PAPER.md section 3). MUSCLE needs the same vocabulary, not the same architecture.
 
 The tasks: "toy-mc" (multiple choice by log-likelihood, like PIQA/HellaSwag) asks a creature's colour,
 home or food among 4 choices; "toy-gen" (generation scored by exact match, like GSM8K, answers written
 "#### N") asks its number of legs or its age. Items are split once into train and test by a seeded
-shuffle of creatures, so no creature is in both splits: what transfers from train to test is the
-rules (kind -> home/food/legs) and the way a model answers, not the memorised facts of a creature.
-Why MUSCLE can help here: the compatibility adapter is trained on the train split only (section 4.1);
-where it is wrong it follows M1, which teaches it M1's way of answering (e.g. which rule to apply
-when the creature's own fact is unknown) and that carries over to test creatures.
+shuffle of creatures, so no creature is in both splits: what can carry over from train to test is
+the rules (kind -> home/food/legs) and the way a model answers, not a creature's memorised facts.
+Half of the corpus's facts are written in the tasks' question/answer format, so that the base models
+can answer questions at all (see `corpus`).
+
+What this toy shows and what it does not (measured, README): M1 -> M2 has 5-9% negative flips,
+mostly colours (arbitrary facts) that v1 read and v2 did not; no adapter trained on other creatures
+can recover those. MUSCLE's compatibility adapter, trained on top of A2 with the CE+ term, removes
+the flips that more training on M2's mistakes with M1 as teacher can remove (mostly food and home,
+where the kind's rule helps).
 
 Checkpoints are ordinary Hugging Face directories (config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json) under $MUSCLE_CACHE or ~/.cache/muscle/toy, written atomically (temp dir +
@@ -67,6 +72,7 @@ GEN_QUESTIONS = {
     "legs": "how many legs does the {e} have ?",
     "age": "how old is the {e} ?",
 }
+QA = {**{a: q for a, (q, _) in MC_QUESTIONS.items()}, **GEN_QUESTIONS}
 STATEMENTS = {
     "kind": "the {e} is a {v} .",
     "colour": "the {e} is {v} .",
@@ -136,12 +142,15 @@ def build_world(cfg: WorldConfig = WorldConfig()) -> list[Creature]:
     return creatures
 
 
-def corpus(creatures: list[Creature], n_sentences: int, seed: int,
+def corpus(creatures: list[Creature], n_sentences: int, seed: int, p_qa: float = 0.5,
            weights: dict[str, float] | None = None) -> list[str]:
-    """Fact sentences about creatures drawn by popularity, each about one attribute drawn by `weights`.
+    """Facts about creatures drawn by popularity, each about one attribute drawn by `weights`.
 
-    Different seeds give different samples of the same world: what one model read often, another
-    may have read rarely, as with two crawls of the web.
+    A fact is written as a statement ("the zib eats seeds .") or, with probability p_qa, as a
+    question and answer in the tasks' format: models that only read statements cannot answer
+    questions about them (knowledge extraction needs varied formats in pre-training, Allen-Zhu &
+    Li 2023, "Physics of Language Models 3.1"). Different seeds give different samples of the same
+    world: what one model read often, another may have read rarely, as with two crawls of the web.
     """
     rng = random.Random(seed)
     weights = weights or {a: 1.0 for a in STATEMENTS}
@@ -150,8 +159,15 @@ def corpus(creatures: list[Creature], n_sentences: int, seed: int,
     out = []
     for c in picks:
         a = rng.choices(attributes, [weights[x] for x in attributes])[0]
-        out.append(STATEMENTS[a].format(e=c.name, v=c.value(a)))
+        out.append(qa_text(c, a) if a in QA and rng.random() < p_qa
+                   else STATEMENTS[a].format(e=c.name, v=c.value(a)))
     return out
+
+
+def qa_text(c: Creature, attribute: str) -> str:
+    """A fact as question + answer, exactly as a task's training sequence has it."""
+    answer = c.value(attribute) if attribute in MC_QUESTIONS else f"#### {c.value(attribute)}"
+    return _prompt(QA[attribute].format(e=c.name)) + " " + answer
 
 
 def split_creatures(creatures: list[Creature], cfg: WorldConfig) -> dict[str, list[Creature]]:
@@ -253,6 +269,7 @@ class BaseSpec:
     batch_size: int = 32
     seq_len: int = 32
     lr: float = 3e-3
+    p_qa: float = 0.5
     seed: int = 0
     attribute_weights: dict[str, float] = field(default_factory=dict)
 
@@ -282,21 +299,23 @@ class Scenario:
 
 
 SCENARIOS: dict[str, Scenario] = {
-    # The default update, sized to build both models in about a minute on 2 CPU cores.
+    # The default update (measured in the README): v1 a Llama pre-trained briefly on a large sample,
+    # v2 a Phi of the same vocabulary pre-trained twice as long on another sample. Both build in
+    # about a minute on 2 CPU cores.
     "default": Scenario(
         world=WorldConfig(),
-        v1=BaseSpec("phi", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    n_sentences=20000, corpus_seed=1, steps=400),
-        v2=BaseSpec("llama", hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
-                    n_sentences=40000, corpus_seed=2, steps=800),
+        v1=BaseSpec("llama", hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    n_sentences=40000, corpus_seed=2, steps=600),
+        v2=BaseSpec("phi", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    n_sentences=20000, corpus_seed=1, steps=1200),
     ),
     # Seconds to build, for the test suite (MUSCLE_TOY_SIZE=micro): same code path, no claims.
     "micro": Scenario(
         world=WorldConfig(n_creatures=24),
-        v1=BaseSpec("phi", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                    n_sentences=400, corpus_seed=1, steps=4, batch_size=8, seq_len=16),
-        v2=BaseSpec("llama", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                    n_sentences=800, corpus_seed=2, steps=6, batch_size=8, seq_len=16),
+        v1=BaseSpec("llama", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                    n_sentences=800, corpus_seed=2, steps=4, batch_size=8, seq_len=16),
+        v2=BaseSpec("phi", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                    n_sentences=400, corpus_seed=1, steps=6, batch_size=8, seq_len=16),
     ),
 }
 TOY_MODELS: dict[str, str] = {"toy-v1": "v1", "toy-v2": "v2"}  # registry name -> Scenario field
@@ -342,14 +361,16 @@ def pretrain(spec: BaseSpec, creatures: list[Creature], tok, run_dir: Path, desc
 
     torch.manual_seed(spec.seed)
     model = models.build_model(spec.hf_config(tok.get_vocab_size()), source=desc)
-    text = " ".join(corpus(creatures, spec.n_sentences, spec.corpus_seed, spec.attribute_weights or None))
+    text = " ".join(corpus(creatures, spec.n_sentences, spec.corpus_seed, spec.p_qa, spec.attribute_weights or None))
     stream = tok.encode(text).ids
     bos = tok.token_to_id(BOS)
     rng = random.Random(spec.corpus_seed)
     batches = [_windows(stream, spec.batch_size, spec.seq_len, rng, bos) for _ in range(spec.steps)]
     val = [_windows(stream, spec.batch_size, spec.seq_len, rng, bos) for _ in range(2)]
+    # No gradient clipping: the high learning rate of from-scratch pre-training is what lets a model
+    # this small memorise facts in a minute.
     cfg = trainer.FitConfig(epochs=1, lr=spec.lr, warmup_steps=max(1, spec.steps // 20), weight_decay=0.01,
-                            grad_accum=1, log_every=50, seed=spec.seed)
+                            grad_accum=1, max_grad_norm=0.0, log_every=50, seed=spec.seed)
     params = dict(model.named_parameters())
     trainer.fit(model, params, lambda x: _lm_loss(model, x), lambda epoch: batches, val, cfg, run_dir, desc=desc)
     return model.eval()
@@ -466,3 +487,6 @@ class _loader:
 
     def __call__(self, split: str, data_dir=None) -> list:
         return load_items(self.task, split)
+
+
+register_tasks()  # importing toy makes its tasks known to data.TASKS (as models.py does for its names)

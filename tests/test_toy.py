@@ -50,17 +50,22 @@ def test_rules_hold_for_about_p_rule_of_creatures():
         assert abs(follows - 0.7) < 0.04, attribute
 
 
-def test_corpus_states_only_true_facts():
+def test_corpus_states_only_true_facts_in_both_formats():
     creatures = {c.name: c for c in toy.build_world(MICRO)}
-    for sentence in toy.corpus(list(creatures.values()), 300, seed=0):
-        words = sentence.split()
-        c = creatures[words[1]]
-        assert any(sentence == s.format(e=c.name, v=c.value(a) if a != "kind" else c.kind)
-                   for a, s in toy.STATEMENTS.items()), sentence
+    sentences = toy.corpus(list(creatures.values()), 300, seed=0, p_qa=0.5)
+    for sentence in sentences:
+        c = creatures[next(w for w in sentence.split() if w in creatures)]
+        true = [s.format(e=c.name, v=c.kind if a == "kind" else c.value(a)) for a, s in toy.STATEMENTS.items()]
+        true += [toy.qa_text(c, a) for a in toy.QA]
+        assert sentence in true, sentence
+    # p_qa of the facts that have a question (5 of the 6 attributes; "kind" is only stated)
+    questions = sum(s.startswith("Question: ") for s in sentences) / len(sentences)
+    assert abs(questions - 0.5 * 5 / 6) < 0.08
+    c = next(iter(creatures.values()))
+    assert toy.qa_text(c, "legs") == f"Question: how many legs does the {c.name} have ?\nAnswer: #### {c.legs}"
 
 
 def test_every_task_word_is_in_the_vocabulary():
-    toy.register_tasks()
     tok = toy.build_tokenizer(toy.build_world(MICRO))
     unk = tok.token_to_id(toy.UNK)
     for task in ("toy-mc", "toy-gen"):
@@ -72,7 +77,6 @@ def test_every_task_word_is_in_the_vocabulary():
 
 # ---------------------------------------------------------------- the tasks
 def test_splits_are_disjoint_deterministic_and_complete():
-    toy.register_tasks()
     n = MICRO.n_creatures
     for task, per_creature in (("toy-mc", 3), ("toy-gen", 2)):
         train = toy.load_items(task, "train", size="micro")
@@ -106,10 +110,11 @@ def test_gen_items_are_scored_by_gsm8k_exact_match():
     assert not metrics.exact_match(metrics.extract_strict("#### 99"), item.references[0])
 
 
-def test_tasks_registered_in_data():
-    toy.register_tasks()
+def test_importing_toy_registers_its_tasks_in_data():
     assert data.TASKS["toy-mc"].kind == "multiple_choice"
     assert data.TASKS["toy-gen"].metric == "exact_match"
+    toy.register_tasks()  # idempotent
+    assert len(data.load_task("toy-mc", "test")) > 0
     with pytest.raises(ValueError, match="no split"):
         toy.load_items("toy-mc", "validation")
 
@@ -117,7 +122,7 @@ def test_tasks_registered_in_data():
 # ---------------------------------------------------------------- the checkpoints
 def test_checkpoints_load_through_models_and_match_transformers(micro_env):
     transformers = pytest.importorskip("transformers")
-    for name, family in (("toy-v1", "PhiForCausalLM"), ("toy-v2", "LlamaForCausalLM")):
+    for name, family in (("toy-v1", "LlamaForCausalLM"), ("toy-v2", "PhiForCausalLM")):
         model = models.load_model(name, dtype=torch.float32)
         assert type(model).__name__ == family
         tok = models.load_tokenizer(name)
@@ -131,7 +136,7 @@ def test_checkpoints_load_through_models_and_match_transformers(micro_env):
 
 def test_same_vocabulary_different_architectures(micro_env):
     configs = [json.loads((micro_env[n] / "config.json").read_text()) for n in ("toy-v1", "toy-v2")]
-    assert [c["model_type"] for c in configs] == ["phi", "llama"]
+    assert [c["model_type"] for c in configs] == ["llama", "phi"]
     assert (micro_env["toy-v1"] / "tokenizer.json").read_bytes() == (micro_env["toy-v2"] / "tokenizer.json").read_bytes()
 
 
