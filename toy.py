@@ -23,11 +23,11 @@ the rules (kind -> home/food/legs) and the way a model answers, not a creature's
 Half of the corpus's facts are written in the tasks' question/answer format, so that the base models
 can answer questions at all (see `corpus`).
 
-What this toy shows and what it does not (measured, README): M1 -> M2 has 5-9% negative flips,
-mostly colours (arbitrary facts) that v1 read and v2 did not; no adapter trained on other creatures
-can recover those. MUSCLE's compatibility adapter, trained on top of A2 with the CE+ term, removes
-the flips that more training on M2's mistakes with M1 as teacher can remove (mostly food and home,
-where the kind's rule helps).
+What this toy shows and what it does not (measured with train.py, 3 seeds, toy-mc): M1 74% -> M2 87%
+with 7.4% negative flips, spread over colours (arbitrary facts), foods and homes that v1 read and v2
+did not. MUSCLE lowers that NFR only by about 3% relative here, not the paper's 20-40%: the flips
+are facts of test-only creatures, and nothing trained on other creatures can recover them. A toy
+where what M1 knows and M2 lacks transfers from the train split is still to be designed.
 
 Checkpoints are ordinary Hugging Face directories (config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json) under $MUSCLE_CACHE or ~/.cache/muscle/toy, written atomically (temp dir +
