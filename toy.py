@@ -23,10 +23,12 @@ the rules (kind -> home/food/legs) and the way a model answers, not a creature's
 Half of the corpus's facts are written in the tasks' question/answer format, so that the base models
 can answer questions at all (see `corpus`).
 
-What this toy shows and what it does not (measured with train.py, 3 seeds, toy-mc): M1 74% -> M2 87%
-with 7.4% negative flips, spread over colours (arbitrary facts), foods and homes that v1 read and v2
-did not. MUSCLE lowers that NFR only by about 3% relative here, not the paper's 20-40%: the flips
-are facts of test-only creatures, and nothing trained on other creatures can recover them. A toy
+What this toy shows and what it does not (measured with train.py, 3 seeds, toy-mc, rank 8, lr 2e-3):
+M1 74% -> M2 87% with 7.4% negative flips, spread over colours (arbitrary facts), foods and homes
+that v1 read and v2 did not. With the paper's student-correctness mask MUSCLE lowers that NFR only
+by about 3% relative; aligning to M1 wherever M1 is right (--mask old_correct, 4 epochs, CE weight
+0.5) lowers it by 20% at +1.8 points of accuracy, but neighbouring settings give 6-19%. The flips
+are facts of test-only creatures, which nothing trained on other creatures can recover; a toy
 where what M1 knows and M2 lacks transfers from the train split is still to be designed.
 
 Checkpoints are ordinary Hugging Face directories (config.json, model.safetensors, tokenizer.json,
