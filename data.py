@@ -314,9 +314,27 @@ def register_task(task: Task) -> None:
     TASKS[task.name] = task
 
 
+def _register_toy_tasks() -> None:
+    """Import toy.py, which registers the built-in toy tasks. toy.py imports this module, so it is
+    imported on demand, as models.py does for the toy models."""
+    try:
+        import toy  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != "toy":  # a dependency of toy.py is missing: say so rather than hide it
+            raise
+
+
+def task_names() -> list[str]:
+    """Every task name, the built-in toy tasks included."""
+    _register_toy_tasks()
+    return sorted(TASKS)
+
+
 def get_task(task: str | Task) -> Task:
     if isinstance(task, Task):
         return task
+    if task not in TASKS:
+        _register_toy_tasks()
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known tasks: {sorted(TASKS)}")
     return TASKS[task]

@@ -434,7 +434,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="registry name, local HF checkpoint dir or hub repo id")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to put on the model")
-    p.add_argument("--task", required=True, help=f"one of {sorted(data.TASKS)}")
+    p.add_argument("--task", required=True, help=f"one of {data.task_names()}")
     p.add_argument("--data-dir", default=None, help="local task files (None: download the pinned hub copy)")
     p.add_argument("--split", default=None, help="split to evaluate (None: the task's evaluation split)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")

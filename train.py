@@ -370,11 +370,16 @@ def run(args: argparse.Namespace, env: Dist) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """Every hyper-parameter is a flag with the paper's default, shown by --help."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="@FILE reads flags from FILE (e.g. configs/toy-mc.args; '#' starts "
+                                       "a comment); flags after it override the file's.",
+                                fromfile_prefix_chars="@")
+    # A flags file holds several flags per line, with comments (argparse's default is one per line).
+    p.convert_arg_line_to_args = lambda line: line.split("#", 1)[0].split()
     a = p.add_argument
     a("--old", required=True, help="base v1: registry name, local checkpoint dir or hub id")
     a("--new", required=True, help="base v2 (same vocabulary as --old)")
-    a("--task", required=True, help=f"one of {sorted(data.TASKS)}")
+    a("--task", required=True, help=f"one of {data.task_names()}")
     a("--data-dir", default=None, help="local copies of the task files; None: the pinned hub copies")
     a("--out", default=None, help="run directory; None: runs/<old>-<new>-<task>")
     a("--stage", default="all", choices=["1", "2", "3", "4", "all"],

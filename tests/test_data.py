@@ -2,6 +2,7 @@
 few-shot prompts, the train/val split, tokenisation with truncation, padding and batching."""
 import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import torch
 
 import data
 from data import Generation, MultipleChoice
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class ByteTokenizer:
@@ -361,3 +364,10 @@ def test_batches_cover_every_example_once_and_bucket_lengths():
     # Uniform lengths 1..200: random batches of 8 are ~40% padding, bucketing brings it under 3%.
     assert data.padding_waste(plain) > 0.35 and data.padding_waste(got) < 0.03
     assert data.padding_waste([[([1, 2, 3], []), ([1], [])]]) == pytest.approx(2 / 6)
+
+
+def test_toy_tasks_are_found_without_importing_toy_first():
+    """`--task toy-mc` works in a fresh process: data imports toy.py on demand."""
+    code = "import data; print(data.get_task('toy-mc').kind, 'toy-gen' in data.task_names())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["multiple_choice", "True"]

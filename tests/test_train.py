@@ -290,6 +290,15 @@ def test_help_shows_every_default():
         assert text.split(flag + " ", 1)[1].split(" --", 1)[0].endswith(f"(default: {default})")
 
 
+def test_flags_file_with_comments_then_overrides():
+    """`train.py @configs/toy-mc.args` (the README's first command) reads the file's flags; later
+    flags win."""
+    args = train.parse_args([f"@{ROOT / 'configs' / 'toy-mc.args'}", "--seed", "2", "--rank", "4"])
+    assert (args.old, args.new, args.task, args.epochs, args.lr, args.ce_weight) == \
+        ("toy-v1", "toy-v2", "toy-mc", 4, 2e-3, 0.5)
+    assert (args.seed, args.rank, args.mask) == (2, 4, "student_correct")  # the paper's mask
+
+
 def test_out_with_another_configuration_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "run"
     flags = ["--old", "a", "--new", "b", "--task", "piqa", "--out", str(out)]
