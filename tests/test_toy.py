@@ -3,6 +3,7 @@ ordinary HF directories that load through models.py (and transformers, the oracl
 missing or corrupt. Uses the micro scenario so every build takes seconds."""
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +172,32 @@ def test_unknown_names_raise_clear_errors(monkeypatch):
     monkeypatch.setenv("MUSCLE_TOY_SIZE", "huge")
     with pytest.raises(ValueError, match="MUSCLE_TOY_SIZE"):
         toy.scenario()
+
+
+# ---------------------------------------------------------------- the README's first command, smaller
+def test_first_command_end_to_end_on_micro_models(micro_env, tmp_path, capsys):
+    """`train.py @configs/toy-mc.args` on the micro models and a slice of the task: every stage
+    writes its outputs and the report has every field (issue 7's end-to-end test)."""
+    import train
+
+    out = tmp_path / "run"
+    flags_file = Path(__file__).resolve().parent.parent / "configs" / "toy-mc.args"
+    args = [f"@{flags_file}", "--out", str(out), "--epochs", "1", "--limit-train", "40", "--limit-eval", "30", "--rank", "2"]
+    assert train.main(args) == 0
+    for stage in ("stage1_task_old", "stage2_task_new", "stage3_compat"):
+        assert (out / stage / "DONE").is_file()
+        assert {p.name for p in (out / stage / "adapter").iterdir()} >= {"adapter_config.json",
+                                                                          "adapter_model.safetensors"}
+        assert any(json.loads(line).get("epoch") is not None for line in (out / stage / "log.jsonl").open())
+    evald = out / "stage4_eval"
+    for role in ("m1", "m2", "mc"):
+        records = [json.loads(line) for line in (evald / f"{role}.jsonl").open()]
+        assert len(records) == 30 and all(isinstance(r["correct"], bool) for r in records)
+    report = json.loads((evald / "report.json").read_text())
+    assert set(report["models"]) == {"old", "new", "compat"}
+    assert all(0.0 <= report["models"][m]["accuracy"] <= 1.0 for m in report["models"])
+    for pair in ("old->new", "old->compat"):
+        assert {"nfr", "pfr", "btc", "nfr_ext", "inconsistency_flips", "quadrants"} <= set(report["pairs"][pair])
+        assert sum(report["pairs"][pair]["quadrants"].values()) == 30
+    assert "nfr" in report["relative"] and (evald / "report.md").is_file()
+    assert "Compatibility report: toy-mc" in capsys.readouterr().out
