@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import muscle
-from muscle import MASKS, causal_lm_loss, muscle_loss, muscle_loss_chunked
+from muscle import MASKS, causal_lm_loss, causal_lm_loss_chunked, muscle_loss, muscle_loss_chunked
 
 
 def logits_from_probs(*rows, temperature=2.0):
@@ -164,6 +164,32 @@ def test_causal_lm_loss_is_summed_shifted_cross_entropy():
     ref = torch.nn.functional.cross_entropy(s[:, :-1].reshape(-1, 5), labels[:, 1:].reshape(-1))
     assert out.tokens == 16
     assert out.loss.item() == pytest.approx(ref.item() * 16, rel=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_chunked_cross_entropy_equals_causal_lm_loss(chunk_size):
+    """Value and gradients (hidden states and head) of the chunked task loss; only real label
+    positions are projected."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, dtype=torch.float64)
+    seen = []
+    def spy(h):
+        seen.append(h.shape[0])
+        return head(h)
+    h = torch.randn(3, 6, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[1, 3:] = -100
+    labels[2, 1] = -100
+    full = causal_lm_loss(head(h), labels)
+    grads_full = torch.autograd.grad(full.loss, [h, head.weight, head.bias])
+    chunked = causal_lm_loss_chunked(h, spy, labels, chunk_size=chunk_size)
+    grads_chunked = torch.autograd.grad(chunked.loss, [h, head.weight, head.bias])
+    assert chunked.loss.item() == pytest.approx(full.loss.item(), rel=1e-12)
+    assert chunked.tokens == full.tokens == 15 - 3 - 1
+    for a, b in zip(grads_chunked, grads_full):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # Forward, then the recomputation in backward: each real position projected twice.
+    assert sum(seen) == 2 * 11 and max(seen) <= chunk_size
 
 
 def test_masks_table_functions_are_the_module_functions():
