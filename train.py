@@ -168,9 +168,12 @@ def teacher_mode(model: nn.Module, adapter: str) -> Iterator[None]:
         model.train(was_training)
 
 
-def ce_loss(model: nn.Module) -> LossFn:
-    """Stages 1-2: next-token cross-entropy on every real token (context and answer)."""
-    return lambda b: muscle.causal_lm_loss(model(b["input_ids"], b["attention_mask"]), b["labels"])
+def ce_loss(model: nn.Module, chunk_size: int = 1024) -> LossFn:
+    """Stages 1-2: next-token cross-entropy on every real token (context and answer), from the
+    final hidden states `chunk_size` positions at a time, so the batch's full-vocabulary fp32
+    logits never exist whole (muscle.causal_lm_loss_chunked)."""
+    return lambda b: muscle.causal_lm_loss_chunked(model.hidden_states(b["input_ids"], b["attention_mask"]),
+                                                   model.lm_head, b["labels"], chunk_size)
 
 
 def muscle_loss(student: nn.Module, old: nn.Module, args: argparse.Namespace) -> LossFn:
@@ -249,7 +252,8 @@ def stage_task(args: argparse.Namespace, env: Dist, out: Path, stage: int, td: T
     lora.add_adapter(model, "task", rank=args.rank, alpha=args.alpha, dropout=args.dropout)
     lora.mark_trainable(model, "task")
     model = prepare(model, env, args.grad_checkpointing)
-    return train_adapter(args, env, out, stage, model, "task", ce_loss(model), td, base)
+    return train_adapter(args, env, out, stage, model, "task", ce_loss(model, args.chunk_size), td,
+                         base)
 
 
 def stage_compat(args: argparse.Namespace, env: Dist, out: Path, td: TaskData) -> dict:
@@ -408,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     g("--save-every", type=int, default=200, help="checkpoint every N steps (and each epoch); 0: epochs only")
     g("--log-every", type=int, default=10, help="optimizer steps between log.jsonl records")
     g("--grad-checkpointing", action="store_true", help="recompute transformer blocks in backward")
-    g("--chunk-size", type=int, default=1024, help="positions per chunk of logits in the MUSCLE loss")
+    g("--chunk-size", type=int, default=1024, help="positions per chunk of logits in the losses (cross-entropy and MUSCLE)")
     g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
       help="base weights; auto: bf16 on GPU, fp32 on CPU (adapters always train in fp32)")
     g("--eval-batch-size", type=int, default=8, help="items per forward in stage 4")
