@@ -28,7 +28,6 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -179,23 +178,54 @@ def _chunks(labels: torch.Tensor, whole_rows: bool, chunk_size: int):
         yield real[start:start + chunk_size]
 
 
+def _trainable(head: Head) -> list[torch.Tensor]:
+    """The head's parameters that need gradients (none for a frozen lm_head or a plain function)."""
+    return [p for p in getattr(head, "parameters", list)() if p.requires_grad]
+
+
 def _chunked_sum(chunk_loss: Callable[..., LossSum], inputs: Sequence[torch.Tensor],
-                 labels: torch.Tensor, whole_rows: bool, chunk_size: int) -> LossSum:
+                 labels: torch.Tensor, whole_rows: bool, chunk_size: int,
+                 params: Sequence[torch.Tensor] = ()) -> LossSum:
     """Sum of `chunk_loss(*(x[idx] for x in inputs), labels[idx])` over the chunks of `labels`
     (see `_chunks`; inputs and labels already shifted, flattened to positions unless whole_rows).
 
-    While gradients flow into inputs[0], each chunk runs under activation checkpointing: its
-    fp32 logits are freed after the forward and recomputed in the backward, so at most one
-    chunk's logits (and their gradient) exist at a time (ANCHORS lessons 8-9).
+    Gradients flow into inputs[0] and `params` only. With gradients on, each chunk's gradients
+    are taken right after its loss, in the forward pass, and its fp32 logits freed; the backward
+    pass only passes the stored gradients on. So at most one chunk's logits exist at a time
+    (ANCHORS lessons 8-9), as with activation checkpointing, but without checkpointing's second
+    pass through the heads (the fused linear-cross-entropy technique): recomputing them made a
+    LoRA step about 10% (SmolLM shape) to 20% (Phi shape) slower in bench/train_step.py.
     """
+    first, rest = inputs[0], inputs[1:]
+    leaves = ([first] if first.requires_grad else []) + list(params)
+    with_grad = torch.is_grad_enabled() and bool(leaves)
+    grads = [torch.zeros_like(x) for x in leaves]
     # Start from a zero tied to inputs[0], so a batch without label tokens still backpropagates
     # (under FSDP every rank must run the same backward collectives).
-    total, tokens, follow_old = _upcast(inputs[0].sum()) * 0, 0, 0
-    use_checkpoint = torch.is_grad_enabled() and inputs[0].requires_grad
+    total, tokens, follow_old = _upcast(first.sum()) * 0, 0, 0
     for idx in _chunks(labels, whole_rows, chunk_size):
-        parts = (*(x[idx] for x in inputs), labels[idx])
-        out = checkpoint(chunk_loss, *parts, use_reentrant=False) if use_checkpoint else chunk_loss(*parts)
-        total, tokens, follow_old = total + out.loss, tokens + out.tokens, follow_old + out.follow_old
+        others = (*(x[idx] for x in rest), labels[idx])
+        if not with_grad:
+            out = chunk_loss(first[idx], *others)
+        else:
+            with torch.enable_grad():
+                x = first[idx].detach().requires_grad_(first.requires_grad)
+                out = chunk_loss(x, *others)
+                wrt = ([x] if x.requires_grad else []) + list(params)
+                chunk_grads = torch.autograd.grad(out.loss, wrt, allow_unused=True)
+            for i, g in enumerate(chunk_grads):
+                if g is None:
+                    continue
+                if i == 0 and x.requires_grad:
+                    grads[0][idx] = g
+                else:
+                    grads[i] += g
+        total = total + out.loss.detach()
+        tokens, follow_old = tokens + out.tokens, follow_old + out.follow_old
+    if with_grad:
+        # Value exactly 0; its gradient with respect to each leaf is that leaf's stored gradient.
+        link = sum((x * g).sum() for x, g in zip(leaves, grads))
+        total = total + (link - link.detach())
     return LossSum(total, tokens, follow_old)
 
 
@@ -205,8 +235,8 @@ def muscle_loss_chunked(h_student: torch.Tensor, h_old: torch.Tensor, h_new: tor
                         ce_weight: float = 0.0, chunk_size: int = 1024) -> LossSum:
     """`muscle_loss` from final hidden states [B, T, H] and the three lm_heads (student, old, new).
 
-    Logits exist for one chunk of at most `chunk_size` positions at a time, recomputed in the
-    backward pass rather than kept (`_chunked_sum`): peak memory is three [chunk_size, V] fp32
+    Logits exist for one chunk of at most `chunk_size` positions at a time, their gradients
+    taken in the forward pass (`_chunked_sum`): peak memory is three [chunk_size, V] fp32
     tensors, never three [B*T, V] ones. The teachers' hidden states should come from no_grad
     forwards. Equals `muscle_loss` on the projected logits, in value and gradient.
     """
@@ -224,7 +254,8 @@ def muscle_loss_chunked(h_student: torch.Tensor, h_old: torch.Tensor, h_new: tor
             zo, zn = head_o(ho), head_n(hn)
         return _aligned_loss(head_s(hs), zo, zn, y, mask, temperature, ce_weight)
 
-    return _chunked_sum(chunk_loss, (h_student, h_old, h_new), labels, whole_rows, chunk_size)
+    return _chunked_sum(chunk_loss, (h_student, h_old, h_new), labels, whole_rows, chunk_size,
+                        _trainable(head_s))
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> LossSum:
@@ -239,41 +270,16 @@ def _summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> LossSum
     return LossSum(loss, int((labels != IGNORE_INDEX).sum()), 0)
 
 
-def causal_lm_loss_chunked(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
+def causal_lm_loss_chunked(hidden: torch.Tensor, head: Head, labels: torch.Tensor,
                            chunk_size: int = 1024) -> LossSum:
     """`causal_lm_loss` on `head(hidden)` (final hidden states [B, T, H], the lm_head), computed
-    `chunk_size` real label positions at a time: the whole batch's fp32 logits, their
-    log-softmax and its gradient (3 x B x T x V x 4 bytes) never exist.
-
-    With gradients on, each chunk's gradients (into the hidden states and any trainable head
-    parameter) are taken right after its loss, in the forward pass, and its logits freed; the
-    backward pass only passes them on. That keeps checkpointing's memory without its second
-    lm_head pass (as fused linear-cross-entropy kernels do): recomputing the head made a LoRA
-    step about 10% (SmolLM shape) and 20% (Phi shape, 2 layers) slower in bench/train_step.py.
-    Equals `causal_lm_loss` in value and gradient.
-    """
+    `chunk_size` real label positions at a time (`_chunked_sum`): the whole batch's fp32 logits,
+    their log-softmax and its gradient (3 x B x T x V x 4 bytes) never exist. Equals
+    `causal_lm_loss` in value and gradient."""
     hidden, labels = _shift(hidden, labels)
-    hidden, labels = hidden.flatten(0, 1), labels.flatten()
-    params = [p for p in head.parameters() if p.requires_grad]
-    leaves = ([hidden] if hidden.requires_grad else []) + params
-    with_grad = torch.is_grad_enabled() and bool(leaves)
-    grads = [torch.zeros_like(x) for x in leaves]
-    total, tokens = _upcast(hidden.sum()) * 0, 0  # tied to hidden: see _chunked_sum
-    for idx in _chunks(labels, False, chunk_size):
-        if not with_grad:
-            out = _summed_cross_entropy(head(hidden[idx]), labels[idx])
-        else:
-            with torch.enable_grad():
-                h = hidden[idx].detach().requires_grad_(hidden.requires_grad)
-                out = _summed_cross_entropy(head(h), labels[idx])
-                chunk_grads = torch.autograd.grad(out.loss, ([h] if h.requires_grad else []) + params)
-            if h.requires_grad:
-                grads[0][idx] = chunk_grads[0]
-            for acc, g in zip(grads[len(grads) - len(params):], chunk_grads[len(chunk_grads) - len(params):]):
-                acc += g
-        total, tokens = total + out.loss.detach(), tokens + out.tokens
-    if with_grad:
-        # Value exactly 0, gradient with respect to each leaf x exactly its precomputed dL/dx.
-        link = sum((x * g).sum() for x, g in zip(leaves, grads))
-        total = total + (link - link.detach())
-    return LossSum(total, tokens, 0)
+
+    def chunk_loss(h, y):
+        return _summed_cross_entropy(head(h), y)
+
+    return _chunked_sum(chunk_loss, (hidden.flatten(0, 1),), labels.flatten(), False, chunk_size,
+                        _trainable(head))
