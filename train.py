@@ -187,7 +187,13 @@ def teacher_mode(model: nn.Module, adapter: str) -> Iterator[None]:
         model.train(was_training)
 
 
-def ce_loss(model: nn.Module, chunk_size: int = 1024) -> LossFn:
+# Positions per chunk of logits in the losses: [256, V] fp32 tensors (48 MiB at V = 49152), so
+# the logits stay small next to the activations (bench/RESULTS.md: a 4 x 256-token SmolLM step
+# peaks at 0.89x transformers + PEFT with 256, 0.99x with 1024, i.e. one chunk).
+CHUNK_SIZE = 256
+
+
+def ce_loss(model: nn.Module, chunk_size: int = CHUNK_SIZE) -> LossFn:
     """Stages 1-2: next-token cross-entropy on every real token (context and answer), from the
     final hidden states `chunk_size` positions at a time, so the batch's full-vocabulary fp32
     logits never exist whole (muscle.causal_lm_loss_chunked)."""
@@ -200,8 +206,8 @@ class TeacherCache:
 
     Both teachers are frozen and run in eval mode (no dropout), so their hidden states for one
     sequence are the same in every epoch: from the second epoch on, a step needs only the
-    student's forward and backward and the loss (bench/RESULTS.md: compat step 2.0x -> 1.5x a
-    task step). Entries are keyed by example (a batch's "index"; batches are reshuffled every
+    student's forward and backward and the loss (bench/RESULTS.md: a compatibility step costs
+    1.3x a task step instead of 2.2x). Entries are keyed by example (a batch's "index"; batches are reshuffled every
     epoch) and hold each row's real positions in the model's dtype, exactly what the teachers
     would recompute; cost: 2 x hidden x dtype bytes per token (7B in bf16: 16 KiB). A restarted
     run starts empty and refills as it goes.
@@ -479,11 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     g("--save-every", type=int, default=200, help="checkpoint every N steps (and each epoch); 0: epochs only")
     g("--log-every", type=int, default=10, help="optimizer steps between log.jsonl records")
     g("--grad-checkpointing", action="store_true", help="recompute transformer blocks in backward")
-    g("--chunk-size", type=int, default=1024, help="positions per chunk of logits in the losses (cross-entropy and MUSCLE)")
+    g("--chunk-size", type=int, default=CHUNK_SIZE,
+      help="positions per chunk of logits in the losses (cross-entropy and MUSCLE)")
     g("--teacher-cache", default="off", choices=["off", "memory"],
       help="memory: keep both teachers' final hidden states of every training and validation "
            "sequence in host memory after its first use, so later epochs skip both teacher "
-           "forwards (same results; stage 3 about 1.3x faster per step). Costs 2 x hidden x dtype "
+           "forwards (same results; a later epoch's step 1.7x faster in bench/compat_step.py). Costs 2 x hidden x dtype "
            "bytes per token (7B in bf16: 16 KiB/token, about 10 GiB for PIQA's 16k sequences of "
            "~40 tokens; SAMSum's long dialogues need far more); single process only")
     g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
