@@ -207,10 +207,10 @@ class TeacherCache:
     Both teachers are frozen and run in eval mode (no dropout), so their hidden states for one
     sequence are the same in every epoch: from the second epoch on, a step needs only the
     student's forward and backward and the loss (bench/RESULTS.md: a compatibility step costs
-    1.3x a task step instead of 2.2x). Entries are keyed by example (a batch's "index"; batches are reshuffled every
-    epoch) and hold each row's real positions in the model's dtype, exactly what the teachers
-    would recompute; cost: 2 x hidden x dtype bytes per token (7B in bf16: 16 KiB). A restarted
-    run starts empty and refills as it goes.
+    about 1.25x a task step instead of 2x). Entries are keyed by example (a batch's "index":
+    batches are reshuffled every epoch) and hold each row's real positions in the model's
+    dtype, exactly what the teachers would recompute; cost: 2 x hidden x dtype bytes per token
+    (7B in bf16: 16 KiB). A restarted run starts empty and refills as it goes.
     """
 
     def __init__(self) -> None:
@@ -490,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     g("--teacher-cache", default="off", choices=["off", "memory"],
       help="memory: keep both teachers' final hidden states of every training and validation "
            "sequence in host memory after its first use, so later epochs skip both teacher "
-           "forwards (same results; a later epoch's step 1.7x faster in bench/compat_step.py). Costs 2 x hidden x dtype "
+           "forwards (same results; a later epoch's step about 1.6x faster in bench/compat_step.py). Costs 2 x hidden x dtype "
            "bytes per token (7B in bf16: 16 KiB/token, about 10 GiB for PIQA's 16k sequences of "
            "~40 tokens; SAMSum's long dialogues need far more); single process only")
     g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
