@@ -28,7 +28,6 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -162,14 +161,14 @@ def muscle_loss(student_logits: torch.Tensor, old_logits: torch.Tensor,
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _chunks(labels: torch.Tensor, mask: str, chunk_size: int):
+def _chunks(labels: torch.Tensor, whole_rows: bool, chunk_size: int):
     """Indices (along dim 0) of the chunks of `labels`, which is already shifted.
 
-    Per-position masks get labels flattened to [B*T]: only real label tokens, packed across rows
-    into chunks of `chunk_size` (padding is never projected). Sequence masks get [B, T]: groups
-    of whole rows of about `chunk_size` positions.
+    Per-position losses get labels flattened to [B*T]: only real label tokens, packed across rows
+    into chunks of `chunk_size` (padding is never projected). Sequence masks (`whole_rows`) get
+    [B, T]: groups of whole rows of about `chunk_size` positions.
     """
-    if mask in SEQUENCE_MASKS:
+    if whole_rows:
         rows = max(1, chunk_size // max(labels.shape[1], 1))
         for start in range(0, labels.shape[0], rows):
             yield slice(start, start + rows)
@@ -179,23 +178,74 @@ def _chunks(labels: torch.Tensor, mask: str, chunk_size: int):
         yield real[start:start + chunk_size]
 
 
+def _trainable(head: Head) -> list[torch.Tensor]:
+    """The head's parameters that need gradients (none for a frozen lm_head or a plain function)."""
+    return [p for p in getattr(head, "parameters", list)() if p.requires_grad]
+
+
+def _chunked_sum(chunk_loss: Callable[..., LossSum], inputs: Sequence[torch.Tensor],
+                 labels: torch.Tensor, whole_rows: bool, chunk_size: int,
+                 params: Sequence[torch.Tensor] = ()) -> LossSum:
+    """Sum of `chunk_loss(*(x[idx] for x in inputs), labels[idx])` over the chunks of `labels`
+    (see `_chunks`; inputs and labels already shifted, flattened to positions unless whole_rows).
+
+    Gradients flow into inputs[0] and `params` only. With gradients on, each chunk's gradients
+    are taken right after its loss, in the forward pass, and its fp32 logits freed; the backward
+    pass only passes the stored gradients on. So at most one chunk's logits exist at a time
+    (ANCHORS lessons 8-9), as with activation checkpointing, but without checkpointing's second
+    pass through the heads (the fused linear-cross-entropy technique): recomputing them made a
+    LoRA step about 10% (SmolLM shape) to 20% (Phi shape) slower in bench/train_step.py.
+    """
+    first, rest = inputs[0], inputs[1:]
+    leaves = ([first] if first.requires_grad else []) + list(params)
+    with_grad = torch.is_grad_enabled() and bool(leaves)
+    grads = [torch.zeros_like(x) for x in leaves]
+    # Start from a zero tied to inputs[0], so a batch without label tokens still backpropagates
+    # (under FSDP every rank must run the same backward collectives).
+    total, tokens, follow_old = _upcast(first.sum()) * 0, 0, 0
+    for idx in _chunks(labels, whole_rows, chunk_size):
+        others = (*(x[idx] for x in rest), labels[idx])
+        if not with_grad:
+            out = chunk_loss(first[idx], *others)
+        else:
+            with torch.enable_grad():
+                x = first[idx].detach().requires_grad_(first.requires_grad)
+                out = chunk_loss(x, *others)
+                wrt = ([x] if x.requires_grad else []) + list(params)
+                chunk_grads = torch.autograd.grad(out.loss, wrt, allow_unused=True)
+            for i, g in enumerate(chunk_grads):
+                if g is None:
+                    continue
+                if i == 0 and x.requires_grad:
+                    grads[0][idx] = g
+                else:
+                    grads[i] += g
+        total = total + out.loss.detach()
+        tokens, follow_old = tokens + out.tokens, follow_old + out.follow_old
+    if with_grad:
+        # Value exactly 0; its gradient with respect to each leaf is that leaf's stored gradient.
+        link = sum((x * g).sum() for x, g in zip(leaves, grads))
+        total = total + (link - link.detach())
+    return LossSum(total, tokens, follow_old)
+
+
 def muscle_loss_chunked(h_student: torch.Tensor, h_old: torch.Tensor, h_new: torch.Tensor,
                         heads: Sequence[Head], labels: torch.Tensor,
                         mask: str = "student_correct", temperature: float = 2.0,
                         ce_weight: float = 0.0, chunk_size: int = 1024) -> LossSum:
     """`muscle_loss` from final hidden states [B, T, H] and the three lm_heads (student, old, new).
 
-    Logits exist for one chunk of at most `chunk_size` positions at a time, and each chunk runs
-    under activation checkpointing, so its fp32 logits are recomputed in the backward pass rather
-    than kept: peak memory is three [chunk_size, V] fp32 tensors, never three [B*T, V] ones
-    (ANCHORS lessons 8-9). The teachers' hidden states should come from no_grad forwards.
-    Equals `muscle_loss` on the projected logits, in value and gradient.
+    Logits exist for one chunk of at most `chunk_size` positions at a time, their gradients
+    taken in the forward pass (`_chunked_sum`): peak memory is three [chunk_size, V] fp32
+    tensors, never three [B*T, V] ones. The teachers' hidden states should come from no_grad
+    forwards. Equals `muscle_loss` on the projected logits, in value and gradient.
     """
     get_mask(mask)  # fail on a wrong name before any work
     head_s, head_o, head_n = heads
+    whole_rows = mask in SEQUENCE_MASKS
     h_student, labels = _shift(h_student, labels)
     h_old, h_new = h_old[:, :-1].detach(), h_new[:, :-1].detach()
-    if mask not in SEQUENCE_MASKS:  # positions of all rows in one dimension: [B*T, H]
+    if not whole_rows:  # positions of all rows in one dimension: [B*T, H]
         h_student, h_old, h_new = (x.flatten(0, 1) for x in (h_student, h_old, h_new))
         labels = labels.flatten()
 
@@ -204,24 +254,32 @@ def muscle_loss_chunked(h_student: torch.Tensor, h_old: torch.Tensor, h_new: tor
             zo, zn = head_o(ho), head_n(hn)
         return _aligned_loss(head_s(hs), zo, zn, y, mask, temperature, ce_weight)
 
-    # Start from a zero tied to h_student, so a batch without label tokens still backpropagates
-    # (under FSDP every rank must run the same backward collectives).
-    total, tokens, follow_old = _upcast(h_student.sum()) * 0, 0, 0
-    use_checkpoint = torch.is_grad_enabled() and h_student.requires_grad
-    for idx in _chunks(labels, mask, chunk_size):
-        parts = (h_student[idx], h_old[idx], h_new[idx], labels[idx])
-        if use_checkpoint:
-            out = checkpoint(chunk_loss, *parts, use_reentrant=False)
-        else:
-            out = chunk_loss(*parts)
-        total, tokens, follow_old = total + out.loss, tokens + out.tokens, follow_old + out.follow_old
-    return LossSum(total, tokens, follow_old)
+    return _chunked_sum(chunk_loss, (h_student, h_old, h_new), labels, whole_rows, chunk_size,
+                        _trainable(head_s))
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> LossSum:
     """Summed next-token cross-entropy over real label tokens (task adapters, stages 1 and 2)."""
-    logits, labels = _shift(logits, labels)
-    real = labels != IGNORE_INDEX
-    loss = F.cross_entropy(_upcast(logits).flatten(0, 1), labels.flatten(),
+    return _summed_cross_entropy(*_shift(logits, labels))
+
+
+def _summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> LossSum:
+    """Summed cross-entropy of aligned logits [..., V] against labels [...] (-100: no loss)."""
+    loss = F.cross_entropy(_upcast(logits).flatten(0, -2), labels.flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return LossSum(loss, int(real.sum()), 0)
+    return LossSum(loss, int((labels != IGNORE_INDEX).sum()), 0)
+
+
+def causal_lm_loss_chunked(hidden: torch.Tensor, head: Head, labels: torch.Tensor,
+                           chunk_size: int = 1024) -> LossSum:
+    """`causal_lm_loss` on `head(hidden)` (final hidden states [B, T, H], the lm_head), computed
+    `chunk_size` real label positions at a time (`_chunked_sum`): the whole batch's fp32 logits,
+    their log-softmax and its gradient (3 x B x T x V x 4 bytes) never exist. Equals
+    `causal_lm_loss` in value and gradient."""
+    hidden, labels = _shift(hidden, labels)
+
+    def chunk_loss(h, y):
+        return _summed_cross_entropy(head(h), y)
+
+    return _chunked_sum(chunk_loss, (hidden.flatten(0, 1),), labels.flatten(), False, chunk_size,
+                        _trainable(head))

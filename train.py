@@ -52,10 +52,15 @@ from trainer import Diverged, FitConfig, Interrupted, LossFn, fit
 class Batches(Sequence):
     """This rank's micro-batches: global micro-batches of `batch_size` sequences, rows dealt out
     round-robin over ranks (rank r takes rows r, r + W, ...), collated on access. The same
-    flags give the same global batches, and the same numbers, on any number of processes."""
+    flags give the same global batches, and the same numbers, on any number of processes.
 
-    def __init__(self, groups: list[list[data.Example]], pad_id: int, env: Dist):
-        self.groups, self.pad_id, self.env = groups, pad_id, env
+    `groups` hold indices into `examples`; each batch's "index" is its rows' example keys
+    (key_offset + index; -1 for a filler row), which the teacher cache is keyed by."""
+
+    def __init__(self, examples: list[data.Example], groups: list[list[int]], pad_id: int, env: Dist,
+                 key_offset: int = 0):
+        self.examples, self.groups, self.pad_id, self.env = examples, groups, pad_id, env
+        self.key_offset = key_offset
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -63,10 +68,15 @@ class Batches(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        # A rank left without a row (a short last batch) runs one padding token without a
-        # label: FSDP's collectives need every rank in every forward, and it adds 0 tokens.
-        rows = self.groups[i][self.env.rank::self.env.world] or [([self.pad_id], [muscle.IGNORE_INDEX])]
-        return {k: v.to(self.env.device) for k, v in data.collate(rows, self.pad_id).items()}
+        rows = self.groups[i][self.env.rank::self.env.world]
+        examples = [self.examples[j] for j in rows]
+        keys = [self.key_offset + j for j in rows]
+        if not rows:
+            # A rank left without a row (a short last batch) runs one padding token without a
+            # label: FSDP's collectives need every rank in every forward, and it adds 0 tokens.
+            examples, keys = [([self.pad_id], [muscle.IGNORE_INDEX])], [-1]
+        batch = {**data.collate(examples, self.pad_id), "index": torch.tensor(keys)}
+        return {k: v.to(self.env.device) for k, v in batch.items()}
 
 
 @dataclass
@@ -77,11 +87,20 @@ class TaskData:
 
     def train_batches(self, batch_size: int, seed: int, env: Dist) -> Callable[[int], Batches]:
         """Epoch -> its micro-batches, shuffled with a seed derived from (seed, epoch)."""
-        return lambda epoch: Batches(data.batches(self.train, batch_size, seed=seed * 1000 + epoch),
-                                     self.pad_id, env)
+        # data.batches groups by the length of each element's first item (the input ids), so
+        # (input ids, index) pairs come back grouped exactly as the examples would.
+        keyed = [(ids, i) for i, (ids, _) in enumerate(self.train)]
+
+        def epoch_batches(epoch: int) -> Batches:
+            groups = data.batches(keyed, batch_size, seed=seed * 1000 + epoch)
+            return Batches(self.train, [[i for _, i in g] for g in groups], self.pad_id, env)
+        return epoch_batches
 
     def val_batches(self, batch_size: int, env: Dist) -> Batches:
-        return Batches(data.batches(self.val, batch_size, shuffle=False), self.pad_id, env)
+        """Validation examples in order; their keys follow the training examples' keys."""
+        order = list(range(len(self.val)))
+        groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        return Batches(self.val, groups, self.pad_id, env, key_offset=len(self.train))
 
 
 def task_data(args: argparse.Namespace, tokenizer: Any, env: Dist) -> TaskData:
@@ -168,19 +187,71 @@ def teacher_mode(model: nn.Module, adapter: str) -> Iterator[None]:
         model.train(was_training)
 
 
-def ce_loss(model: nn.Module) -> LossFn:
-    """Stages 1-2: next-token cross-entropy on every real token (context and answer)."""
-    return lambda b: muscle.causal_lm_loss(model(b["input_ids"], b["attention_mask"]), b["labels"])
+# Positions per chunk of logits in the losses: [256, V] fp32 tensors (48 MiB at V = 49152), so
+# the logits stay small next to the activations (bench/RESULTS.md: a 4 x 256-token SmolLM step
+# peaks at 0.89x transformers + PEFT with 256, 0.99x with 1024, i.e. one chunk).
+CHUNK_SIZE = 256
 
 
-def muscle_loss(student: nn.Module, old: nn.Module, args: argparse.Namespace) -> LossFn:
-    """Stage 3: the MUSCLE loss of the student (v2 + compat) against M1 and M2 (v2 + task)."""
+def ce_loss(model: nn.Module, chunk_size: int = CHUNK_SIZE) -> LossFn:
+    """Stages 1-2: next-token cross-entropy on every real token (context and answer), from the
+    final hidden states `chunk_size` positions at a time, so the batch's full-vocabulary fp32
+    logits never exist whole (muscle.causal_lm_loss_chunked)."""
+    return lambda b: muscle.causal_lm_loss_chunked(model.hidden_states(b["input_ids"], b["attention_mask"]),
+                                                   model.lm_head, b["labels"], chunk_size)
+
+
+class TeacherCache:
+    """The two teachers' final hidden states (M1, M2) of each example seen, kept in host memory.
+
+    Both teachers are frozen and run in eval mode (no dropout), so their hidden states for one
+    sequence are the same in every epoch: from the second epoch on, a step needs only the
+    student's forward and backward and the loss (bench/RESULTS.md: a compatibility step costs
+    about 1.25x a task step instead of 2x). Entries are keyed by example (a batch's "index":
+    batches are reshuffled every epoch) and hold each row's real positions in the model's
+    dtype, exactly what the teachers would recompute; cost: 2 x hidden x dtype bytes per token
+    (7B in bf16: 16 KiB). A restarted run starts empty and refills as it goes.
+    """
+
+    def __init__(self) -> None:
+        self.store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> [length, hidden] x 2, CPU
+
+    def get(self, batch: dict, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h_old, h_new) [B, T, hidden] of `batch`: from the store when it holds every row,
+        else from `compute()`, whose rows are then stored. Positions past a row's length (and
+        filler rows, key -1) are zero: they carry no label, so the loss never reads them."""
+        keys, lengths = batch["index"].tolist(), batch["attention_mask"].sum(1).tolist()
+        if not self.store or not all(k in self.store for k in keys if k >= 0):
+            h_old, h_new = compute()
+            for row, (key, n) in enumerate(zip(keys, lengths)):
+                if key >= 0:
+                    self.store[key] = tuple(h[row, :n].to("cpu", copy=True) for h in (h_old, h_new))
+            return h_old, h_new
+        width, device = batch["input_ids"].shape[1], batch["input_ids"].device
+        outs = tuple(h.new_zeros(len(keys), width, h.shape[-1], device=device)
+                     for h in next(iter(self.store.values())))
+        for row, key in enumerate(keys):
+            for out, h in zip(outs, self.store.get(key, ())):
+                out[row, :len(h)] = h
+        return outs
+
+
+def muscle_loss(student: nn.Module, old: nn.Module, args: argparse.Namespace,
+                cache: TeacherCache | None = None) -> LossFn:
+    """Stage 3: the MUSCLE loss of the student (v2 + compat) against M1 and M2 (v2 + task);
+    with a cache, the teachers run only for examples it does not hold yet."""
     def loss(b):
         ids, mask = b["input_ids"], b["attention_mask"]
-        with torch.no_grad():
-            h_old = old.hidden_states(ids, mask)
-        with teacher_mode(student, "task"):
-            h_new = student.hidden_states(ids, mask)
+
+        def teachers() -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.no_grad():
+                h_old = old.hidden_states(ids, mask)
+            with teacher_mode(student, "task"):
+                h_new = student.hidden_states(ids, mask)
+            return h_old, h_new
+
+        h_old, h_new = cache.get(b, teachers) if cache is not None else teachers()
         h = student.hidden_states(ids, mask)
         heads = (student.lm_head, old.lm_head, student.lm_head)
         return muscle.muscle_loss_chunked(h, h_old, h_new, heads, b["labels"], mask=args.mask,
@@ -249,11 +320,16 @@ def stage_task(args: argparse.Namespace, env: Dist, out: Path, stage: int, td: T
     lora.add_adapter(model, "task", rank=args.rank, alpha=args.alpha, dropout=args.dropout)
     lora.mark_trainable(model, "task")
     model = prepare(model, env, args.grad_checkpointing)
-    return train_adapter(args, env, out, stage, model, "task", ce_loss(model), td, base)
+    return train_adapter(args, env, out, stage, model, "task", ce_loss(model, args.chunk_size), td,
+                         base)
 
 
 def stage_compat(args: argparse.Namespace, env: Dist, out: Path, td: TaskData) -> dict:
     """Stage 3: Ac on base v2, initialised as a copy of A2 (paper A.1), with the MUSCLE loss."""
+    if args.teacher_cache == "memory" and env.world > 1:
+        raise ValueError("--teacher-cache memory needs a single process: under torchrun the rows of "
+                         "a reshuffled batch move between ranks every epoch, so the ranks' caches "
+                         "would rarely hold a whole batch; use --teacher-cache off with torchrun")
     a1, a2 = adapter_dir(out, 1), adapter_dir(out, 2)  # before loading anything
     student = load_base(args.new, args, env)
     lora.load_adapter(student, a2, "task")
@@ -263,8 +339,9 @@ def stage_compat(args: argparse.Namespace, env: Dist, out: Path, td: TaskData) -
     lora.load_adapter(old, a1, "task")
     student = prepare(student, env, args.grad_checkpointing)
     old = frozen_teacher(old, env)
-    return train_adapter(args, env, out, 3, student, "compat", muscle_loss(student, old, args), td,
-                         args.new)
+    cache = TeacherCache() if args.teacher_cache == "memory" else None
+    return train_adapter(args, env, out, 3, student, "compat", muscle_loss(student, old, args, cache),
+                         td, args.new)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -318,7 +395,7 @@ def stage_eval(args: argparse.Namespace, env: Dist, out: Path) -> dict:
 
 # Flags that do not change what a run computes; every other flag must match to resume a run.
 NOT_CONFIG = {"out", "overwrite", "stage", "save_every", "log_every", "grad_checkpointing",
-              "data_dir", "eval_batch_size", "chunk_size"}
+              "data_dir", "eval_batch_size", "chunk_size", "teacher_cache"}
 RUN_CONFIG = "run_config.json"
 
 
@@ -413,7 +490,14 @@ def build_parser() -> argparse.ArgumentParser:
     g("--save-every", type=int, default=200, help="checkpoint every N steps (and each epoch); 0: epochs only")
     g("--log-every", type=int, default=10, help="optimizer steps between log.jsonl records")
     g("--grad-checkpointing", action="store_true", help="recompute transformer blocks in backward")
-    g("--chunk-size", type=int, default=1024, help="positions per chunk of logits in the MUSCLE loss")
+    g("--chunk-size", type=int, default=CHUNK_SIZE,
+      help="positions per chunk of logits in the losses (cross-entropy and MUSCLE)")
+    g("--teacher-cache", default="off", choices=["off", "memory"],
+      help="memory: keep both teachers' final hidden states of every training and validation "
+           "sequence in host memory after its first use, so later epochs skip both teacher "
+           "forwards (same results; a later epoch's step about 1.6x faster in bench/compat_step.py). Costs 2 x hidden x dtype "
+           "bytes per token (7B in bf16: 16 KiB/token, about 10 GiB for PIQA's 16k sequences of "
+           "~40 tokens; SAMSum's long dialogues need far more); single process only")
     g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
       help="base weights; auto: bf16 on GPU, fp32 on CPU (adapters always train in fp32)")
     g("--eval-batch-size", type=int, default=8, help="items per forward in stage 4")

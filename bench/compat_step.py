@@ -5,7 +5,8 @@ Compatibility step (stage 3): the student v2 + compat adapter, the frozen M1 = v
 adapter and M2 = the student's own base with the task adapter (lora.use_adapter), the masked KL
 (train.muscle_loss -> muscle.muscle_loss_chunked), backward, AdamW. Both use train.py's loss
 functions and its defaults (rank, alpha, mask, temperature, chunk size), so this times the code
-the pipeline runs. The extra work is two no-grad teacher forwards and the three-way loss.
+the pipeline runs. The extra work is two no-grad teacher forwards and the three-way loss; with
+--teacher-cache memory, epochs after the first skip the teacher forwards (timed as "cached").
 
     python bench/compat_step.py [--batch 2] [--seq 128] [--repeats 5]
 """
@@ -77,22 +78,29 @@ def main() -> None:
     old = with_adapter(v1, defaults.rank, defaults.alpha).eval().requires_grad_(False)
     student = with_adapter(v2, defaults.rank, defaults.alpha)
     lora.copy_adapter(student, "task", "compat")
-    batch = random_batch(cfg["vocab_size"], args.batch, args.seq)
+    # "index": the rows' example keys (train.Batches), which the teacher cache is keyed by.
+    batch = {**random_batch(cfg["vocab_size"], args.batch, args.seq), "index": torch.arange(args.batch)}
+    cached = train.muscle_loss(student, old, defaults, train.TeacherCache())  # filled by the warm-up
     timings = common.interleave({"task": step(student, "task", train.ce_loss(student), batch),
-                                 "compat": step(student, "compat", train.muscle_loss(student, old, defaults), batch)},
+                                 "compat": step(student, "compat", train.muscle_loss(student, old, defaults), batch),
+                                 "cached": step(student, "compat", cached, batch)},
                                 args.repeats)
-    t_task, t_compat = timings["task"], timings["compat"]
+    t_task, t_compat, t_cached = timings["task"], timings["compat"], timings["cached"]
     tokens = args.batch * args.seq
     rows = [[MODEL, f"{args.batch} x {args.seq}", f"{t_task.median:.2f}", f"{t_compat.median:.2f}",
-             f"{tokens / t_task.median:.0f}", f"{tokens / t_compat.median:.0f}",
-             f"**{t_compat.median / t_task.median:.2f}x**", f"{t_task.spread()} / {t_compat.spread()}"]]
-    header = ["model", "batch", "task step s", "compat step s", "task tok/s", "compat tok/s",
-              "compat / task (target <= 1.6)", "range task / compat"]
+             f"{t_cached.median:.2f}", f"{tokens / t_task.median:.0f}", f"{tokens / t_compat.median:.0f}",
+             f"**{t_compat.median / t_task.median:.2f}x**", f"**{t_cached.median / t_task.median:.2f}x**",
+             f"{t_task.spread()} / {t_compat.spread()} / {t_cached.spread()}"]]
+    header = ["model", "batch", "task step s", "compat step s", "cached compat step s", "task tok/s",
+              "compat tok/s", "compat / task (target <= 1.6)", "cached compat / task (target <= 1.6)",
+              "range task / compat / cached"]
     body = (f"SmolLM-135M-shaped Llama ({', '.join(f'{k}={v}' for k, v in cfg.items() if k.endswith(('size', 'layers', 'heads')))}), "
             f"float32, LoRA rank {defaults.rank} alpha {defaults.alpha} on all block linears (train.py defaults), "
             f"mask {defaults.mask}, T={defaults.temperature}, ce_weight {defaults.ce_weight}, chunk {defaults.chunk_size}. "
             f"Task step = train.ce_loss; compat step = train.muscle_loss (M1 forward + M2 forward without "
-            f"grad, student forward, chunked masked KL); both + backward + clip + AdamW. {args.repeats} "
+            f"grad, student forward, chunked masked KL); cached compat step = the same with "
+            f"`--teacher-cache memory` after the first epoch (train.TeacherCache holds the teachers' hidden "
+            f"states: no teacher forward); all + backward + clip + AdamW. {args.repeats} "
             f"interleaved repeats after 1 warm-up, medians.\n\n" + common.table(header, rows))
     common.write_section("compat_step", "MUSCLE compatibility step vs task step", body)
 

@@ -1,4 +1,4 @@
-"""LoRA training step, ours (models + lora + muscle.causal_lm_loss) vs transformers + PEFT.
+"""LoRA training step, ours (models + lora + train.ce_loss) vs transformers + PEFT.
 
 One step = forward, next-token cross-entropy, backward, gradient clipping, AdamW step, on a
 random batch, with LoRA on every linear layer of the blocks (paper appendix A.1) at the same rank
@@ -88,10 +88,13 @@ def copy_lora_a(ours: torch.nn.Module, ref: torch.nn.Module) -> None:
 
 
 def ours_loss(model: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
-    import muscle
+    """train.py's stage 1-2 loss (chunked cross-entropy from hidden states, its default chunk)."""
+    import train
+
+    ce = train.ce_loss(model)
 
     def loss(b: dict) -> torch.Tensor:
-        total = muscle.causal_lm_loss(model(b["input_ids"], b["attention_mask"]), b["labels"])
+        total = ce(b)
         return total.loss / total.tokens
     return loss
 
@@ -122,7 +125,7 @@ def memory_child(side: str, name: str, batch: dict) -> None:
     the first). One JSON line."""
     path = checkpoint(name)
     import peft, transformers  # noqa: E401,F401  (imports are not part of either side's footprint)
-    import lora, models, muscle  # noqa: E401,F401
+    import lora, models, muscle, train  # noqa: E401,F401
     before = common.rss_mib()
     if side == "ours":
         model, params = build_ours(path)

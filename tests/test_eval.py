@@ -164,6 +164,18 @@ def test_fast_path_equals_plain_path(setup, plain_scores, batch_size, max_length
         assert f["is_greedy"] == p["is_greedy"] and f["id"] == p["id"]
 
 
+@pytest.mark.parametrize("suffix_rows", [1, 5, 100])
+def test_sorted_suffix_groups_equal_plain_path(setup, plain_scores, suffix_rows):
+    """Rows sorted by suffix length and run in groups of any size on copies of the prefix cache."""
+    items, plain = plain_scores[2048]
+    requests = [[ev.encode_request(setup.tok, it.context, " " + c) for c in it.choices] for it in items]
+    with torch.no_grad():
+        fast = ev._score_items_fast(setup.model, requests, suffix_rows)
+    for p, f in zip(plain, fast):
+        assert [ll for ll, _ in f] == pytest.approx(p["loglikelihoods"], abs=1e-5)
+        assert [g for _, g in f] == p["is_greedy"]
+
+
 def test_shared_prefix_covers_common_tokens_but_leaves_each_choice_one():
     reqs = [ev.Request([5, 6, 7, 8], [8]), ev.Request([5, 6, 7, 9, 4], [9, 4]), ev.Request([5, 6, 7], [7])]
     assert ev._shared_prefix_len(reqs) == 2

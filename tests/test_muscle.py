@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import muscle
-from muscle import MASKS, causal_lm_loss, muscle_loss, muscle_loss_chunked
+from muscle import MASKS, causal_lm_loss, causal_lm_loss_chunked, muscle_loss, muscle_loss_chunked
 
 
 def logits_from_probs(*rows, temperature=2.0):
@@ -164,6 +164,36 @@ def test_causal_lm_loss_is_summed_shifted_cross_entropy():
     ref = torch.nn.functional.cross_entropy(s[:, :-1].reshape(-1, 5), labels[:, 1:].reshape(-1))
     assert out.tokens == 16
     assert out.loss.item() == pytest.approx(ref.item() * 16, rel=1e-12)
+
+
+@pytest.mark.parametrize("trainable_head", [True, False])
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_chunked_cross_entropy_equals_causal_lm_loss(chunk_size, trainable_head):
+    """Value and gradients (hidden states, and the head when it trains) of the chunked task loss,
+    also through a later scaling (the loss / tokens of a mean); each real label position is
+    projected once (no recomputation) and padding never."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, dtype=torch.float64).requires_grad_(trainable_head)
+    seen = []
+    head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    h = torch.randn(3, 6, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[1, 3:] = -100
+    labels[2, 1] = -100
+    wrt = [h, head.weight, head.bias] if trainable_head else [h]
+    full = causal_lm_loss(head(h), labels)
+    grads_full = torch.autograd.grad(full.loss / 7, wrt)
+    seen.clear()
+    chunked = causal_lm_loss_chunked(h, head, labels, chunk_size=chunk_size)
+    grads_chunked = torch.autograd.grad(chunked.loss / 7, wrt)
+    assert chunked.loss.item() == pytest.approx(full.loss.item(), rel=1e-12)
+    assert chunked.tokens == full.tokens == 15 - 3 - 1
+    for a, b in zip(grads_chunked, grads_full):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert sum(seen) == 11 and max(seen) <= chunk_size
+    with torch.no_grad():
+        assert causal_lm_loss_chunked(h, head, labels, chunk_size).loss.item() == pytest.approx(
+            full.loss.item(), rel=1e-12)
 
 
 def test_masks_table_functions_are_the_module_functions():

@@ -191,13 +191,13 @@ def test_disk_full_during_training_is_one_line_and_the_rerun_resumes(tiny_models
 def test_nan_loss_at_the_cli_is_one_line_exit_1_and_the_last_checkpoint_is_kept(tiny_models, data_dir, tmp_path,
                                                                                 monkeypatch, capsys):
     """The 5th micro-batch of stage 1 (step 3) gives NaN: no update, the step-2 checkpoint stays."""
-    real, calls = muscle.causal_lm_loss, []
+    real, calls = muscle.causal_lm_loss_chunked, []
 
-    def nan_at_5(logits, labels):
+    def nan_at_5(*args, **kwargs):
         calls.append(1)
-        out = real(logits, labels)
+        out = real(*args, **kwargs)
         return out._replace(loss=out.loss * float("nan")) if len(calls) == 5 else out
-    monkeypatch.setattr(muscle, "causal_lm_loss", nan_at_5)
+    monkeypatch.setattr(muscle, "causal_lm_loss_chunked", nan_at_5)
     out = tmp_path / "run"
     assert train.main(tiny_flags(*tiny_models, data_dir, out, "--stage", "1", "--save-every", "1")) == 1
     ckpt = out / train.STAGES[1] / "checkpoint"

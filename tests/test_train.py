@@ -283,7 +283,7 @@ def test_help_shows_every_default():
     options = [a for a in parser._actions if a.dest != "help"]
     assert all(a.help for a in options)  # ArgumentDefaultsHelpFormatter shows defaults only then
     text = " ".join(parser.format_help().split())
-    assert text.count("(default: ") == len(options) == 31
+    assert text.count("(default: ") == len(options) == 32
     for flag, default in [("--epochs EPOCHS", "10"), ("--lr LR", "0.0001"), ("--rank RANK", "128"),
                           ("--warmup-steps WARMUP_STEPS", "500"), ("--alpha ALPHA", "256"),
                           ("--temperature TEMPERATURE", "2.0"), ("--grad-accum GRAD_ACCUM", "8")]:
@@ -349,9 +349,9 @@ KILL_FLAGS = ["--limit-train", "20", "--epochs", "3", "--batch-size", "2", "--gr
               "--save-every", "1"]
 
 
-def run_stage3(tiny_models, data_dir, out):
+def run_stage3(tiny_models, data_dir, out, *extra):
     cmd = [sys.executable, str(ROOT / "train.py"), *tiny_flags(*tiny_models, data_dir, out),
-           *KILL_FLAGS, "--stage", "3"]
+           *KILL_FLAGS, "--stage", "3", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
 
@@ -360,16 +360,19 @@ def run_stage3(tiny_models, data_dir, out):
 def test_sigkill_or_sigint_in_stage3_then_rerun_gives_the_uninterrupted_adapter(
         tiny_models, data_dir, tmp_path):
     """SIGKILL: the last checkpoint is intact. SIGINT: a checkpoint, a one-line message, exit
-    130. Either way the rerun ends with the adapter of a run that was never interrupted."""
+    130. Either way the rerun ends with the adapter of a run that was never interrupted. The
+    SIGKILLed run uses the teacher cache (lost with the process, refilled by the rerun), the
+    clean one does not."""
     base = tmp_path / "base"
     for stage in ("1", "2"):
         assert train.main(tiny_flags(*tiny_models, data_dir, base, *KILL_FLAGS, "--stage", stage)) == 0
     runs = {name: tmp_path / name for name in ("clean", "sigkill", "sigint")}
+    cache = {"clean": (), "sigkill": ("--teacher-cache", "memory"), "sigint": ()}
     for out in runs.values():
         subprocess.run(["cp", "-r", str(base), str(out)], check=True)
 
     for name, signum in (("sigkill", signal.SIGKILL), ("sigint", signal.SIGINT)):
-        proc = run_stage3(tiny_models, data_dir, runs[name])
+        proc = run_stage3(tiny_models, data_dir, runs[name], *cache[name])
         pointer = runs[name] / "stage3_compat" / "checkpoint" / "latest"
         while not pointer.exists() and proc.poll() is None:
             time.sleep(0.005)
@@ -384,8 +387,8 @@ def test_sigkill_or_sigint_in_stage3_then_rerun_gives_the_uninterrupted_adapter(
         assert not (runs[name] / "stage3_compat" / "DONE").exists()
         assert 0 < checkpoint.load(runs[name] / "stage3_compat" / "checkpoint")[1]["step"] < 24
 
-    for out in runs.values():
-        proc = run_stage3(tiny_models, data_dir, out)
+    for name, out in runs.items():
+        proc = run_stage3(tiny_models, data_dir, out, *cache[name])
         assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
     adapters = {name: load_file(out / "stage3_compat" / "adapter" / "adapter_model.safetensors")
                 for name, out in runs.items()}
@@ -401,3 +404,76 @@ def test_sigkill_or_sigint_in_stage3_then_rerun_gives_the_uninterrupted_adapter(
         assert [r["step"] for r in log if "loss" in r] == list(range(1, 25))
     done = [json.loads((out / "stage3_compat" / "DONE").read_text()) for out in runs.values()]
     assert done[0] == done[1] == done[2] and done[0]["steps"] == 24
+
+
+# ------------------------------------------------------------------------- teacher cache
+
+
+def test_teacher_cache_returns_the_computed_rows_in_any_batch(tiny_models):
+    """Stored rows come back at their real positions in a batch of another width and order;
+    positions past a row's length are zero; a batch with an unseen row is computed."""
+    tok = models.load_tokenizer(tiny_models[0])
+    model = models.load_model(tiny_models[0]).eval()
+    examples = [example(tok, t) for t in CORPUS[:4]]
+
+    def batch(keys):
+        return {**data.collate([examples[k] for k in keys], tok.pad_id), "index": torch.tensor(keys)}
+
+    def compute(b):
+        def run():
+            calls.append(b["index"].tolist())
+            with torch.no_grad():
+                h = model.hidden_states(b["input_ids"], b["attention_mask"])
+            return h, 2 * h
+        return run
+
+    cache, calls = train.TeacherCache(), []
+    for keys in ([0, 1], [2, 3]):
+        cache.get(batch(keys), compute(batch(keys)))
+    shuffled = batch([3, 0, 2])
+    h_old, h_new = cache.get(shuffled, compute(shuffled))
+    assert calls == [[0, 1], [2, 3]]  # the third batch was served from the store
+    with torch.no_grad():
+        expected = model.hidden_states(shuffled["input_ids"], shuffled["attention_mask"])
+    for row, n in enumerate(shuffled["attention_mask"].sum(1).tolist()):
+        torch.testing.assert_close(h_old[row, :n], expected[row, :n], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(h_new[row, :n], 2 * expected[row, :n], rtol=1e-6, atol=1e-6)
+        assert h_old[row, n:].abs().sum() == 0 and h_new[row, n:].abs().sum() == 0
+    unseen = {**batch([0, 1]), "index": torch.tensor([0, 7])}
+    cache.get(unseen, compute(unseen))
+    assert calls[-1] == [0, 7] and 7 in cache.store
+
+
+@pytest.mark.slow  # ~10 s: stages 1-2 once, stage 3 twice
+def test_teacher_cache_gives_the_adapter_of_a_run_without_it(tiny_models, data_dir, tmp_path,
+                                                              monkeypatch):
+    """Stage 3 over 2 epochs: the same adapter (1e-6) with the cache as without, and with the
+    cache the teachers ran only in the first epoch (train and validation batches)."""
+    base = tmp_path / "base"
+    assert train.main(tiny_flags(*tiny_models, data_dir, base, "--stage", "1")) == 0
+    assert train.main(tiny_flags(*tiny_models, data_dir, base, "--stage", "2")) == 0
+    teacher_runs = []
+    real_teacher_mode = train.teacher_mode
+
+    def counting_teacher_mode(model, adapter):
+        teacher_runs[-1] += 1
+        return real_teacher_mode(model, adapter)
+    monkeypatch.setattr(train, "teacher_mode", counting_teacher_mode)
+    adapters = {}
+    for mode in ("off", "memory"):
+        out = tmp_path / mode
+        subprocess.run(["cp", "-r", str(base), str(out)], check=True)
+        teacher_runs.append(0)
+        assert train.main(tiny_flags(*tiny_models, data_dir, out, "--stage", "3",
+                                     "--teacher-cache", mode)) == 0
+        adapters[mode] = load_file(out / "stage3_compat" / "adapter" / "adapter_model.safetensors")
+    # 20 train examples in 5 micro-batches of 4, 5 validation examples in 2: per epoch 7.
+    assert teacher_runs == [2 * 7, 7]
+    for k in adapters["off"]:
+        torch.testing.assert_close(adapters["memory"][k], adapters["off"][k], rtol=0, atol=1e-6)
+
+
+def test_teacher_cache_refuses_several_processes(tiny_models, data_dir, tmp_path):
+    args = train.parse_args(tiny_flags(*tiny_models, data_dir, tmp_path, "--teacher-cache", "memory"))
+    with pytest.raises(ValueError, match="--teacher-cache off with torchrun"):
+        train.stage_compat(args, Dist(rank=0, world=2), tmp_path, None)
