@@ -344,10 +344,6 @@ def stage_compat(args: argparse.Namespace, env: Dist, out: Path, td: TaskData) -
                          td, args.new)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
 def predict(base: str, adapter: Path, items: list, path: Path, args: argparse.Namespace,
             env: Dist) -> None:
     """Prediction records of base + adapter on `items`, written to `path` (atomically, in item
@@ -360,7 +356,7 @@ def predict(base: str, adapter: Path, items: list, path: Path, args: argparse.Na
     evaluation.write_predictions(records, parts[env.rank])
     distributed.barrier(env)
     if env.main:
-        shards = [_read_jsonl(part) for part in parts]
+        shards = [metrics.read_predictions(part) for part in parts]
         merged = [shards[i % env.world][i // env.world] for i in range(len(items))]
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged)
         checkpoint.write_text_atomic(path, lines)
@@ -381,7 +377,7 @@ def stage_eval(args: argparse.Namespace, env: Dist, out: Path) -> dict:
         if not (d / f"{role}.jsonl").is_file():  # finished predictions survive a restart
             predict(base, adapter, items, d / f"{role}.jsonl", args, env)
             gc.collect()
-    runs = {role: _read_jsonl(d / f"{role}.jsonl") for role in roles}
+    runs = {role: metrics.read_predictions(d / f"{role}.jsonl") for role in roles}
     sources = {"old": "m1.jsonl", "new": "m2.jsonl", "compat": "mc.jsonl"}
     report = metrics.compatibility_report(runs["m1"], runs["m2"], runs["mc"], sources=sources)
     if env.main:
