@@ -82,6 +82,13 @@ def no_mask(student, old, new, labels):
     return torch.ones_like(labels, dtype=torch.bool)
 
 
+def new_only(student, old, new, labels):
+    """Control (not in the paper): follow M2 everywhere, so M1 is never used. What is left is
+    stage 3 as more training of M2's adapter (self-distillation, + CE when asked); a mask's gain
+    over this control is what the old model contributes."""
+    return torch.zeros_like(labels, dtype=torch.bool)
+
+
 MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 MASKS: dict[str, MaskFn] = {
@@ -90,6 +97,7 @@ MASKS: dict[str, MaskFn] = {
     "instance_likelihood": instance_likelihood,
     "old_correct": old_correct,
     "none": no_mask,
+    "new_only": new_only,
 }
 
 # Masks that look at a whole row at once; the chunked loss keeps rows whole for them

@@ -71,6 +71,7 @@ Y = torch.tensor([[0, 0, 0]])
     ("old_correct", [False, False, True]),      # old right only at position 2
     ("token_likelihood", [False, False, True]),  # p_c(0) < p_1(0) only at 2 (equal at 1)
     ("none", [True, True, True]),
+    ("new_only", [False, False, False]),
 ])
 def test_token_masks_by_hand(name, expected):
     assert MASKS[name](S, O, N, Y).tolist() == [expected]
@@ -221,6 +222,7 @@ def test_vectorised_loss_equals_a_per_token_loop_with_torch_distributions():
         "token_likelihood": lambda b, t, y: logp(s[b, t])[y] < logp(o[b, t])[y],
         "old_correct": lambda b, t, y: o[b, t].argmax() == y,
         "none": lambda b, t, y: True,
+        "new_only": lambda b, t, y: False,
         "instance_likelihood": lambda b, t, y: sequence_ll(s, b) < sequence_ll(o, b),
     }
 
