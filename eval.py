@@ -357,7 +357,9 @@ def _generate_batch(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Se
                 new[row].append(token)
                 if blockers[row] is not None:
                     blockers[row].append(token)
-                done[row] = any(s in tokenizer.decode(new[row]) for s in stop)
+                if stop:  # decode once per token, not once per stop string
+                    text = tokenizer.decode(new[row])
+                    done[row] = any(s in text for s in stop)
         if all(done) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
