@@ -23,13 +23,15 @@ the rules (kind -> home/food/legs) and the way a model answers, not a creature's
 Half of the corpus's facts are written in the tasks' question/answer format, so that the base models
 can answer questions at all (see `corpus`).
 
-What this toy shows and what it does not (measured with train.py, 3 seeds, toy-mc, rank 8, lr 2e-3):
-M1 74% -> M2 87% with 7.4% negative flips, spread over colours (arbitrary facts), foods and homes
-that v1 read and v2 did not. With the paper's student-correctness mask MUSCLE lowers that NFR only
-by about 3% relative; aligning to M1 wherever M1 is right (--mask old_correct, 4 epochs, CE weight
-0.5) lowers it by 20% at +1.8 points of accuracy, but neighbouring settings give 6-19%. The flips
-are facts of test-only creatures, which nothing trained on other creatures can recover; a toy
-where what M1 knows and M2 lacks transfers from the train split is still to be designed.
+What this toy shows and what it does not (measured with train.py @configs/toy-mc.args, seeds 0-2,
+bench/RESULTS.md): M1 74% -> M2 86% with 8.7% negative flips, spread over colours (arbitrary facts),
+foods and homes that v1 read and v2 did not. The paper's student-correctness mask lowers that NFR
+by about 11% relative; masks that follow M1 on more tokens (old_correct, none) by about 20%. The
+flips are facts of test-only creatures, and the task adapters change global behaviour, not what a
+model knows about one creature (M1 scores about the same on its training items as on test items),
+so most flips cannot be undone by an adapter trained on other creatures. Worlds tried to give the flips a learnable part (corpus
+reporting biases, kinds in the question, kind -> colour tendencies) are in bench/RESULTS.md; a toy
+where the paper's mask reaches -20% is still to be designed.
 
 Checkpoints are ordinary Hugging Face directories (config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json) under $MUSCLE_CACHE or ~/.cache/muscle/toy, written atomically (temp dir +
