@@ -44,6 +44,7 @@ import metrics
 import models
 import muscle
 from distributed import Dist
+from teacher_cache import TeacherCache
 from trainer import Diverged, FitConfig, Interrupted, LossFn, fit
 
 # ============================================================================ data
@@ -199,42 +200,6 @@ def ce_loss(model: nn.Module, chunk_size: int = CHUNK_SIZE) -> LossFn:
     logits never exist whole (muscle.causal_lm_loss_chunked)."""
     return lambda b: muscle.causal_lm_loss_chunked(model.hidden_states(b["input_ids"], b["attention_mask"]),
                                                    model.lm_head, b["labels"], chunk_size)
-
-
-class TeacherCache:
-    """The two teachers' final hidden states (M1, M2) of each example seen, kept in host memory.
-
-    Both teachers are frozen and run in eval mode (no dropout), so their hidden states for one
-    sequence are the same in every epoch: from the second epoch on, a step needs only the
-    student's forward and backward and the loss (bench/RESULTS.md: a compatibility step costs
-    about 1.25x a task step instead of 2x). Entries are keyed by example (a batch's "index":
-    batches are reshuffled every epoch) and hold each row's real positions in the model's
-    dtype, exactly what the teachers would recompute; cost: 2 x hidden x dtype bytes per token
-    (7B in bf16: 16 KiB). A restarted run starts empty and refills as it goes.
-    """
-
-    def __init__(self) -> None:
-        self.store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> [length, hidden] x 2, CPU
-
-    def get(self, batch: dict, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h_old, h_new) [B, T, hidden] of `batch`: from the store when it holds every row,
-        else from `compute()`, whose rows are then stored. Positions past a row's length (and
-        filler rows, key -1) are zero: they carry no label, so the loss never reads them."""
-        keys, lengths = batch["index"].tolist(), batch["attention_mask"].sum(1).tolist()
-        if not self.store or not all(k in self.store for k in keys if k >= 0):
-            h_old, h_new = compute()
-            for row, (key, n) in enumerate(zip(keys, lengths)):
-                if key >= 0:
-                    self.store[key] = tuple(h[row, :n].to("cpu", copy=True) for h in (h_old, h_new))
-            return h_old, h_new
-        width, device = batch["input_ids"].shape[1], batch["input_ids"].device
-        outs = tuple(h.new_zeros(len(keys), width, h.shape[-1], device=device)
-                     for h in next(iter(self.store.values())))
-        for row, key in enumerate(keys):
-            for out, h in zip(outs, self.store.get(key, ())):
-                out[row, :len(h)] = h
-        return outs
 
 
 def muscle_loss(student: nn.Module, old: nn.Module, args: argparse.Namespace,

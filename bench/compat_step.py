@@ -69,6 +69,7 @@ def main() -> None:
     args = p.parse_args()
     common.setup()
     import lora
+    import teacher_cache
     import train
 
     defaults = train.parse_args(["--old", "v1", "--new", "v2", "--task", "piqa"])
@@ -80,7 +81,7 @@ def main() -> None:
     lora.copy_adapter(student, "task", "compat")
     # "index": the rows' example keys (train.Batches), which the teacher cache is keyed by.
     batch = {**random_batch(cfg["vocab_size"], args.batch, args.seq), "index": torch.arange(args.batch)}
-    cached = train.muscle_loss(student, old, defaults, train.TeacherCache())  # filled by the warm-up
+    cached = train.muscle_loss(student, old, defaults, teacher_cache.TeacherCache())  # filled by the warm-up
     timings = common.interleave({"task": step(student, "task", train.ce_loss(student), batch),
                                  "compat": step(student, "compat", train.muscle_loss(student, old, defaults), batch),
                                  "cached": step(student, "compat", cached, batch)},
@@ -99,7 +100,7 @@ def main() -> None:
             f"mask {defaults.mask}, T={defaults.temperature}, ce_weight {defaults.ce_weight}, chunk {defaults.chunk_size}. "
             f"Task step = train.ce_loss; compat step = train.muscle_loss (M1 forward + M2 forward without "
             f"grad, student forward, chunked masked KL); cached compat step = the same with "
-            f"`--teacher-cache memory` after the first epoch (train.TeacherCache holds the teachers' hidden "
+            f"`--teacher-cache memory` after the first epoch (teacher_cache.TeacherCache holds the teachers' hidden "
             f"states: no teacher forward); all + backward + clip + AdamW. {args.repeats} "
             f"interleaved repeats after 1 warm-up, medians.\n\n" + common.table(header, rows))
     common.write_section("compat_step", "MUSCLE compatibility step vs task step", body)

@@ -18,6 +18,7 @@ import checkpoint
 import data
 import lora
 import models
+import teacher_cache
 import train
 import trainer
 from distributed import Dist
@@ -427,7 +428,7 @@ def test_teacher_cache_returns_the_computed_rows_in_any_batch(tiny_models):
             return h, 2 * h
         return run
 
-    cache, calls = train.TeacherCache(), []
+    cache, calls = teacher_cache.TeacherCache(), []
     for keys in ([0, 1], [2, 3]):
         cache.get(batch(keys), compute(batch(keys)))
     shuffled = batch([3, 0, 2])
