@@ -10,8 +10,8 @@ are arbitrary facts. The pre-training corpus states facts as short sentences ("t
 "the zib eats seeds ."), mentioning popular creatures often and the long tail rarely.
 
 The update (PAPER.md Table 8 in miniature). v1 is a Llama pre-trained briefly (600 steps) on one
-sample of the corpus; v2 is a Phi of the same vocabulary pre-trained twice as long on another
-sample. What a model knows is what it memorised or inferred from its corpus, so v2 knows more, but
+sample of the corpus; v2 is a Phi as wide, of the same vocabulary, pre-trained twice as long on
+another sample. What a model knows is what it memorised or inferred from its corpus, so v2 knows more, but
 not everything v1 knew: the update moves which instances each model gets right (negative flips,
 PAPER.md section 3). MUSCLE needs the same vocabulary, not the same architecture.
 
@@ -20,18 +20,17 @@ home or food among 4 choices; "toy-gen" (generation scored by exact match, like 
 "#### N") asks its number of legs or its age. Items are split once into train and test by a seeded
 shuffle of creatures, so no creature is in both splits: what can carry over from train to test is
 the rules (kind -> home/food/legs) and the way a model answers, not a creature's memorised facts.
-Half of the corpus's facts are written in the tasks' question/answer format, so that the base models
-can answer questions at all (see `corpus`).
+The default corpus never asks a question. Answering "what does the zib eat ?" about a fact read as
+"the zib eats seeds ." is a skill (knowledge extraction) that the task adapters learn from the
+training split, as a real task adapter learns a format its base lacks (see `corpus`).
 
-What this toy shows and what it does not (measured with train.py @configs/toy-mc.args, seeds 0-2,
-bench/RESULTS.md): M1 74% -> M2 86% with 8.7% negative flips, spread over colours (arbitrary facts),
-foods and homes that v1 read and v2 did not. The paper's student-correctness mask lowers that NFR
-by about 11% relative; masks that follow M1 on more tokens (old_correct, none) by about 20%. The
-flips are facts of test-only creatures, and the task adapters change global behaviour, not what a
-model knows about one creature (M1 scores about the same on its training items as on test items),
-so most flips cannot be undone by an adapter trained on other creatures. Worlds tried to give the flips a learnable part (corpus
-reporting biases, kinds in the question, kind -> colour tendencies) are in bench/RESULTS.md; a toy
-where the paper's mask reaches -20% is still to be designed.
+What this toy shows (train.py @configs/toy-mc.args, seeds 0-2; README and bench/RESULTS.md):
+M1 82% -> M2 87% with 8.8% negative flips. The paper's mask lowers NFR by 25% relative, at +1.8
+points of accuracy. The control mask new_only (stage 3 without M1) gets 17%: two thirds of the
+gain come from stage 3 training v2 more, one third from following M1 where the student is wrong. The flips it cannot undo are facts of
+test-only creatures that v1 memorised and v2 never read. An earlier default, whose corpus was half
+questions, had task adapters that barely moved the bases, so MUSCLE had little to act on: -11%.
+The worlds tried on the way are in bench/RESULTS.md.
 
 Checkpoints are ordinary Hugging Face directories (config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json) under $MUSCLE_CACHE or ~/.cache/muscle/toy, written atomically (temp dir +
@@ -151,9 +150,11 @@ def corpus(creatures: list[Creature], n_sentences: int, seed: int, p_qa: float =
     """Facts about creatures drawn by popularity, each about one attribute drawn by `weights`.
 
     A fact is written as a statement ("the zib eats seeds .") or, with probability p_qa, as a
-    question and answer in the tasks' format: models that only read statements cannot answer
-    questions about them (knowledge extraction needs varied formats in pre-training, Allen-Zhu &
-    Li 2023, "Physics of Language Models 3.1"). Different seeds give different samples of the same
+    question and answer in the tasks' format. With p_qa 0 (the default scenario) a base has never
+    seen a question, so answering one about a fact it read only as a statement (knowledge
+    extraction, Allen-Zhu & Li 2023, "Physics of Language Models 3.1") is learned in fine-tuning,
+    and the adapters matter, as in the paper. With p_qa 0.5 the bases answer by themselves and LoRA
+    barely moves them (bench/RESULTS.md, "attempts"). Different seeds give different samples of the same
     world: what one model read often, another may have read rarely, as with two crawls of the web.
     """
     rng = random.Random(seed)
@@ -304,14 +305,15 @@ class Scenario:
 
 SCENARIOS: dict[str, Scenario] = {
     # The default update (measured in the README): v1 a Llama pre-trained briefly on a large sample,
-    # v2 a Phi of the same vocabulary pre-trained twice as long on another sample. Both build in
-    # about a minute on 2 CPU cores.
+    # v2 a Phi as wide, pre-trained twice as long on another sample. Both read facts only as
+    # statements (p_qa 0), so answering the tasks' questions is a skill that fine-tuning teaches
+    # (see `corpus`). Both build in about a minute on 2 CPU cores.
     "default": Scenario(
         world=WorldConfig(),
         v1=BaseSpec("llama", hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
-                    n_sentences=40000, corpus_seed=2, steps=600),
-        v2=BaseSpec("phi", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    n_sentences=20000, corpus_seed=1, steps=1200),
+                    n_sentences=40000, corpus_seed=2, steps=600, p_qa=0.0),
+        v2=BaseSpec("phi", hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    n_sentences=20000, corpus_seed=1, steps=1200, p_qa=0.0),
     ),
     # Seconds to build, for the test suite (MUSCLE_TOY_SIZE=micro): same code path, no claims.
     "micro": Scenario(
@@ -376,7 +378,16 @@ def pretrain(spec: BaseSpec, creatures: list[Creature], tok, run_dir: Path, desc
     cfg = trainer.FitConfig(epochs=1, lr=spec.lr, warmup_steps=max(1, spec.steps // 20), weight_decay=0.01,
                             grad_accum=1, max_grad_norm=0.0, log_every=50, seed=spec.seed)
     params = dict(model.named_parameters())
-    trainer.fit(model, params, lambda x: _lm_loss(model, x), lambda epoch: batches, val, cfg, run_dir, desc=desc)
+    # One thread: float sums reduce in a thread-count-dependent order, and over 1000 steps that
+    # changes which facts a model ends up knowing. Pinned, every machine builds the same bytes, so
+    # the README's numbers reproduce (a 2-thread build moved seed 0's dNFR from -21% to -14%).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer.fit(model, params, lambda x: _lm_loss(model, x), lambda epoch: batches, val, cfg, run_dir,
+                    desc=desc)
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 

@@ -166,6 +166,21 @@ def test_corrupt_or_missing_cache_is_rebuilt(micro_env, damage):
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
+def test_build_does_not_depend_on_the_callers_thread_count(tmp_path):
+    # Pre-training pins one thread, so every machine builds the same bytes (the README's numbers).
+    threads = torch.get_num_threads()
+    digests = []
+    try:
+        for n, sub in ((1, "one"), (2, "two")):
+            torch.set_num_threads(n)
+            toy.build("toy-v2", tmp_path / sub, size="micro")
+            digests.append(json.loads((tmp_path / sub / toy.MANIFEST).read_text())["files"]["model.safetensors"])
+            assert torch.get_num_threads() == n  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(threads)
+    assert digests[0] == digests[1]
+
+
 def test_unknown_names_raise_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="not a toy model"):
         toy.ensure_model("toy-v3")

@@ -295,8 +295,9 @@ def test_flags_file_with_comments_then_overrides():
     """`train.py @configs/toy-mc.args` (the README's first command) reads the file's flags; later
     flags win."""
     args = train.parse_args([f"@{ROOT / 'configs' / 'toy-mc.args'}", "--seed", "2", "--rank", "4"])
-    assert (args.old, args.new, args.task, args.epochs, args.lr, args.ce_weight) == \
-        ("toy-v1", "toy-v2", "toy-mc", 4, 2e-3, 0.5)
+    assert (args.old, args.new, args.task, args.batch_size, args.lr, args.ce_weight) == \
+        ("toy-v1", "toy-v2", "toy-mc", 16, 2e-3, 0.5)
+    assert args.epochs == 10  # not in the file: the paper's default
     assert (args.seed, args.rank, args.mask) == (2, 4, "student_correct")  # the paper's mask
 
 
