@@ -319,9 +319,9 @@ SCENARIOS: dict[str, Scenario] = {
     "micro": Scenario(
         world=WorldConfig(n_creatures=24),
         v1=BaseSpec("llama", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                    n_sentences=800, corpus_seed=2, steps=4, batch_size=8, seq_len=16),
+                    n_sentences=800, corpus_seed=2, steps=4, batch_size=8, seq_len=16, p_qa=0.0),
         v2=BaseSpec("phi", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                    n_sentences=400, corpus_seed=1, steps=6, batch_size=8, seq_len=16),
+                    n_sentences=400, corpus_seed=1, steps=6, batch_size=8, seq_len=16, p_qa=0.0),
     ),
 }
 TOY_MODELS: dict[str, str] = {"toy-v1": "v1", "toy-v2": "v2"}  # registry name -> Scenario field
