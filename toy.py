@@ -11,9 +11,9 @@ are arbitrary facts. The pre-training corpus states facts as short sentences ("t
 
 The update (PAPER.md Table 8 in miniature). v1 is a Llama pre-trained briefly (600 steps) on one
 sample of the corpus; v2 is a Phi as wide, of the same vocabulary, pre-trained twice as long on
-another sample. What a model knows is what it memorised or inferred from its corpus, so v2 knows more, but
-not everything v1 knew: the update moves which instances each model gets right (negative flips,
-PAPER.md section 3). MUSCLE needs the same vocabulary, not the same architecture.
+another sample. What a model knows is what it memorised or inferred from its corpus, so v2 knows
+more, but not everything v1 knew: the update moves which instances each model gets right (negative
+flips, PAPER.md section 3). MUSCLE needs the same vocabulary, not the same architecture.
 
 The tasks: "toy-mc" (multiple choice by log-likelihood, like PIQA/HellaSwag) asks a creature's colour,
 home or food among 4 choices; "toy-gen" (generation scored by exact match, like GSM8K, answers written
@@ -27,8 +27,8 @@ training split, as a real task adapter learns a format its base lacks (see `corp
 What this toy shows (train.py @configs/toy-mc.args, seeds 0-2; README and bench/RESULTS.md):
 M1 82% -> M2 87% with 8.8% negative flips. The paper's mask lowers NFR by 25% relative, at +1.8
 points of accuracy. The control mask new_only (stage 3 without M1) gets 17%: two thirds of the
-gain come from stage 3 training v2 more, one third from following M1 where the student is wrong. The flips it cannot undo are facts of
-test-only creatures that v1 memorised and v2 never read. An earlier default, whose corpus was half
+gain come from stage 3 training v2 more, one third from following M1 where the student is wrong.
+The flips it cannot undo are facts of test-only creatures that v1 memorised and v2 never read. An earlier default, whose corpus was half
 questions, had task adapters that barely moved the bases, so MUSCLE had little to act on: -11%.
 The worlds tried on the way are in bench/RESULTS.md.
 
@@ -145,7 +145,7 @@ def build_world(cfg: WorldConfig = WorldConfig()) -> list[Creature]:
     return creatures
 
 
-def corpus(creatures: list[Creature], n_sentences: int, seed: int, p_qa: float = 0.5,
+def corpus(creatures: list[Creature], n_sentences: int, seed: int, p_qa: float = 0.0,
            weights: dict[str, float] | None = None) -> list[str]:
     """Facts about creatures drawn by popularity, each about one attribute drawn by `weights`.
 
@@ -154,8 +154,9 @@ def corpus(creatures: list[Creature], n_sentences: int, seed: int, p_qa: float =
     seen a question, so answering one about a fact it read only as a statement (knowledge
     extraction, Allen-Zhu & Li 2023, "Physics of Language Models 3.1") is learned in fine-tuning,
     and the adapters matter, as in the paper. With p_qa 0.5 the bases answer by themselves and LoRA
-    barely moves them (bench/RESULTS.md, "attempts"). Different seeds give different samples of the same
-    world: what one model read often, another may have read rarely, as with two crawls of the web.
+    barely moves them (bench/RESULTS.md, "attempts"). Different seeds give different samples of the
+    same world: what one model read often, another may have read rarely, as with two crawls of the
+    web.
     """
     rng = random.Random(seed)
     weights = weights or {a: 1.0 for a in STATEMENTS}
@@ -274,7 +275,7 @@ class BaseSpec:
     batch_size: int = 32
     seq_len: int = 32
     lr: float = 3e-3
-    p_qa: float = 0.5
+    p_qa: float = 0.0  # share of facts written as question + answer (see `corpus`)
     seed: int = 0
     attribute_weights: dict[str, float] = field(default_factory=dict)
 
@@ -311,17 +312,17 @@ SCENARIOS: dict[str, Scenario] = {
     "default": Scenario(
         world=WorldConfig(),
         v1=BaseSpec("llama", hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
-                    n_sentences=40000, corpus_seed=2, steps=600, p_qa=0.0),
+                    n_sentences=40000, corpus_seed=2, steps=600),
         v2=BaseSpec("phi", hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
-                    n_sentences=20000, corpus_seed=1, steps=1200, p_qa=0.0),
+                    n_sentences=20000, corpus_seed=1, steps=1200),
     ),
     # Seconds to build, for the test suite (MUSCLE_TOY_SIZE=micro): same code path, no claims.
     "micro": Scenario(
         world=WorldConfig(n_creatures=24),
         v1=BaseSpec("llama", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                    n_sentences=800, corpus_seed=2, steps=4, batch_size=8, seq_len=16, p_qa=0.0),
+                    n_sentences=800, corpus_seed=2, steps=4, batch_size=8, seq_len=16),
         v2=BaseSpec("phi", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                    n_sentences=400, corpus_seed=1, steps=6, batch_size=8, seq_len=16, p_qa=0.0),
+                    n_sentences=400, corpus_seed=1, steps=6, batch_size=8, seq_len=16),
     ),
 }
 TOY_MODELS: dict[str, str] = {"toy-v1": "v1", "toy-v2": "v2"}  # registry name -> Scenario field
@@ -367,7 +368,9 @@ def pretrain(spec: BaseSpec, creatures: list[Creature], tok, run_dir: Path, desc
 
     torch.manual_seed(spec.seed)
     model = models.build_model(spec.hf_config(tok.get_vocab_size()), source=desc)
-    text = " ".join(corpus(creatures, spec.n_sentences, spec.corpus_seed, spec.p_qa, spec.attribute_weights or None))
+    sentences = corpus(creatures, spec.n_sentences, spec.corpus_seed, spec.p_qa,
+                       spec.attribute_weights or None)
+    text = " ".join(sentences)
     stream = tok.encode(text).ids
     bos = tok.token_to_id(BOS)
     rng = random.Random(spec.corpus_seed)

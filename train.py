@@ -456,8 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     g("--teacher-cache", default="off", choices=["off", "memory"],
       help="memory: keep both teachers' final hidden states of every training and validation "
            "sequence in host memory after its first use, so later epochs skip both teacher "
-           "forwards (same results; a later epoch's step about 1.6x faster in bench/compat_step.py). Costs 2 x hidden x dtype "
-           "bytes per token (7B in bf16: 16 KiB/token, about 10 GiB for PIQA's 16k sequences of "
+           "forwards (same results; a later epoch's step about 1.6x faster in "
+           "bench/compat_step.py). Costs 2 x hidden x dtype bytes per token (7B in bf16: 16 KiB/token, about 10 GiB for PIQA's 16k sequences of "
            "~40 tokens; SAMSum's long dialogues need far more); single process only")
     g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
       help="base weights; auto: bf16 on GPU, fp32 on CPU (adapters always train in fp32)")
