@@ -2,7 +2,7 @@
 
 MUSCLE's metrics (PAPER.md Sec. 3: negative flips, BTC, gain/regression rates) compare two models
 instance by instance, so evaluation writes one JSON line per instance; `python eval.py compare`
-turns two or three such files into the compatibility report (metrics.py).
+turns two or three such files into the compatibility report (compare.py).
 
 The paper evaluated with lm-evaluation-harness v0.4.3 (appendix A.3; ../shared/EVAL_FORMATS.md); the
 scoring here reproduces its rules:
@@ -546,7 +546,9 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
-        return metrics.compare_main(argv[1:])
+        import compare  # the report needs no torch model; imported only for the subcommand
+
+        return compare.main(argv[1:])
     args = parse_args(argv)
     try:
         run(args)

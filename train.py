@@ -11,7 +11,7 @@ resumed from its checkpoint when it was interrupted:
      (muscle.py) against M1 = v1 + A1 and M2 = v2 + A2. M2 is the student's own copy of base v2
      with A2 active (two adapter slots, switched with lora.use_adapter): no second v2 in memory;
   4. evaluation of M1, M2, Mc on the task's test split (eval.py) and the compatibility report
-     (metrics.py), printed and written to --out/stage4_eval.
+     (report.py), printed and written to --out/stage4_eval.
 
 Dropout: the models being trained run in train mode, so the checkpoint's own dropout applies as
 in Hugging Face training (Phi-2's resid_pdrop = 0.1; Llama has none) besides --dropout on the
@@ -40,9 +40,10 @@ import data
 import distributed
 import eval as evaluation
 import lora
-import metrics
 import models
 import muscle
+import predictions
+import report
 from distributed import Dist
 from teacher_cache import TeacherCache
 from trainer import Diverged, FitConfig, Interrupted, LossFn, fit
@@ -321,7 +322,7 @@ def predict(base: str, adapter: Path, items: list, path: Path, args: argparse.Na
     evaluation.write_predictions(records, parts[env.rank])
     distributed.barrier(env)
     if env.main:
-        shards = [metrics.read_predictions(part) for part in parts]
+        shards = [predictions.read_predictions(part) for part in parts]
         merged = [shards[i % env.world][i // env.world] for i in range(len(items))]
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged)
         checkpoint.write_text_atomic(path, lines)
@@ -342,14 +343,14 @@ def stage_eval(args: argparse.Namespace, env: Dist, out: Path) -> dict:
         if not (d / f"{role}.jsonl").is_file():  # finished predictions survive a restart
             predict(base, adapter, items, d / f"{role}.jsonl", args, env)
             gc.collect()
-    runs = {role: metrics.read_predictions(d / f"{role}.jsonl") for role in roles}
+    runs = {role: predictions.read_predictions(d / f"{role}.jsonl") for role in roles}
     sources = {"old": "m1.jsonl", "new": "m2.jsonl", "compat": "mc.jsonl"}
-    report = metrics.compatibility_report(runs["m1"], runs["m2"], runs["mc"], sources=sources)
+    result = report.compatibility_report(runs["m1"], runs["m2"], runs["mc"], sources=sources)
     if env.main:
-        metrics.write_report(report, d)
-        print(metrics.format_report_text(report))
+        report.write_report(result, d)
+        print(report.format_report_text(result))
     distributed.barrier(env)
-    return {"n": report["n"]}
+    return {"n": result["n"]}
 
 
 # ============================================================================ run and CLI
