@@ -24,26 +24,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+import files
+
 POINTER = "latest"
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that readers see the old or the new content, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        _fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def latest(root: Path) -> Path | None:
@@ -67,10 +52,10 @@ def save(root: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) ->
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
         (tmp / STATE).write_text(json.dumps(state, indent=1, sort_keys=True), encoding="utf-8")
         for name in (TENSORS, STATE):
-            _fsync(tmp / name)
+            files.fsync_file(tmp / name)
         shutil.rmtree(final, ignore_errors=True)  # a leftover of a crash before `latest` moved
         os.replace(tmp, final)
-        write_text_atomic(root / POINTER, final.name)
+        files.write_text_atomic(root / POINTER, final.name)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise

@@ -9,6 +9,7 @@ import argparse
 import sys
 from typing import Sequence
 
+import files
 import predictions
 import report
 
@@ -27,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     paths = {role: getattr(args, role) for role in predictions.ROLES if getattr(args, role)}
     try:
+        if args.out is not None:
+            files.check_writable(args.out, "--out", is_dir=True)
         runs = {role: predictions.read_predictions(path) for role, path in paths.items()}
         result = report.compatibility_report(**runs, sources=paths)
     except (FileNotFoundError, ValueError) as error:
@@ -35,7 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is None:
         print("(pass --out DIR to write report.json, report.md and report.png)")
         return 0
-    written = report.write_report(result, args.out)
+    try:
+        written = report.write_report(result, args.out)
+    except OSError as error:
+        parser.error(f"cannot write the report to --out {args.out}: {error.strerror or error}")
     print("wrote " + ", ".join(str(p) for p in written))
     if not any(p.suffix == ".png" for p in written):
         print(report.PNG_HINT)

@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import files
 import lora
 import metrics
 import models
@@ -460,13 +461,9 @@ def summarize(task: str | data.Task, records: Sequence[dict[str, Any]]) -> dict[
 
 
 def write_predictions(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
-    """One JSON object per line (UTF-8), in item order; parent folders are created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return path
+    """One JSON object per line (UTF-8), in item order, written atomically (an earlier file at
+    `path` survives a failed write whole); parent folders are created."""
+    return files.write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 # ------------------------------------------------------------------ command line
@@ -527,6 +524,7 @@ def warn_if_other_base(adapter: str, model_name: str) -> None:
 def run(args: argparse.Namespace) -> None:
     """Evaluate --model (+ --adapter) on --task; write the records, print the metrics."""
     spec = data.get_task(args.task)
+    files.check_writable(args.out, "--out")  # before the work whose result it keeps
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     auto = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     model = models.load_model(args.model, dtype=DTYPES.get(args.dtype, auto), device=device)
@@ -538,7 +536,11 @@ def run(args: argparse.Namespace) -> None:
     shots = data.load_task(spec, "train", args.data_dir) if args.num_fewshot else ()
     records = evaluate(model, tokenizer, spec.name, items, args.batch_size, args.limit, args.num_fewshot, shots,
                        args.add_bos, not args.plain, progress=True)
-    path = write_predictions(records, args.out)
+    try:
+        path = write_predictions(records, args.out)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write --out {args.out} ({e.strerror or e}); an earlier file "
+                               f"there is intact: free some space or pass another --out, then rerun") from e
     print(json.dumps({"task": spec.name, **summarize(spec.name, records)}))
     print(f"wrote {len(records)} predictions to {path}", file=sys.stderr)
 

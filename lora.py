@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import files
+
 # Paper appendix A.1: rank 128 on all linear layers, dropout 0. The alpha row printed "156" lost
 # its label (PAPER.md); we default to the common alpha = 2 * rank = 256 (scaling 2). Pass `alpha`
 # to reproduce another choice.
@@ -331,16 +333,6 @@ def _is_writer() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _replace_file(path: Path, write) -> None:
-    """Write through a temporary file and os.replace, so `path` is never half written."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:  # a failed write (disk full) leaves no half-written temporary behind
-        tmp.unlink(missing_ok=True)
-
-
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
                  base_model_name_or_path: str | None = None) -> None:
     """Write adapter `name` to directory `path` in PEFT's format. Under torch.distributed every
@@ -352,9 +344,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         spec = _layers_with(model, name)[0][1].specs[name]
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        _replace_file(out / WEIGHTS_NAME, lambda f: save_file(state, f, metadata={"format": "pt"}))
+        files.replace_atomic(out / WEIGHTS_NAME, lambda f: save_file(state, f, metadata={"format": "pt"}))
         config = json.dumps(_peft_config(spec, base_model_name_or_path), indent=2, sort_keys=True)
-        _replace_file(out / CONFIG_NAME, lambda f: f.write_text(config + "\n"))
+        files.write_text_atomic(out / CONFIG_NAME, config + "\n")
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # no rank reads the adapter before it is complete
 

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+import files
 import predictions
 from metrics import (btc, correct_set_flips, expected_gain, expected_regression, gain_rate,
                      inconsistency_flips, nfr, nfr_ext, pfr, quadrants, regression_rate,
@@ -214,20 +215,21 @@ def _write_png(report: dict, path: Path) -> bool:
             _draw_scatter(ax, report["scores"]["old"], report["scores"][target], target)
         ax.set_title(f"{report['task']}: {name}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    files.replace_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     return True
 
 
 def write_report(report: dict, out_dir: str | Path) -> list[Path]:
-    """Write report.json, report.md and (with matplotlib) report.png to out_dir; the paths written."""
+    """Write report.json, report.md and (with matplotlib) report.png to out_dir, each atomically;
+    the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "report.json", out / "report.md"]
-    written[0].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    files.write_text_atomic(written[0], json.dumps(report, indent=2) + "\n")
     png = out / "report.png"
     png.unlink(missing_ok=True)  # a stale picture must not outlive the numbers it showed
     has_png = _write_png(report, png)
     note = "![quadrants and scores](report.png)" if has_png else PNG_HINT
-    written[1].write_text(format_report_md(report) + "\n" + note + "\n", encoding="utf-8")
+    files.write_text_atomic(written[1], format_report_md(report) + "\n" + note + "\n")
     return written + [png] if has_png else written
 

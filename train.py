@@ -35,10 +35,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-import checkpoint
 import data
 import distributed
 import eval as evaluation
+import files
 import lora
 import models
 import muscle
@@ -248,7 +248,7 @@ def adapter_dir(out: Path, stage: int) -> Path:
 def mark_done(out: Path, stage: int, summary: dict, env: Dist) -> None:
     """DONE (with a summary) last; the stage's checkpoint is then of no further use."""
     if env.main:
-        checkpoint.write_text_atomic(stage_dir(out, stage) / DONE, json.dumps(summary) + "\n")
+        files.write_text_atomic(stage_dir(out, stage) / DONE, json.dumps(summary) + "\n")
         shutil.rmtree(stage_dir(out, stage) / "checkpoint", ignore_errors=True)
     distributed.barrier(env)
 
@@ -325,7 +325,7 @@ def predict(base: str, adapter: Path, items: list, path: Path, args: argparse.Na
         shards = [predictions.read_predictions(part) for part in parts]
         merged = [shards[i % env.world][i // env.world] for i in range(len(items))]
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged)
-        checkpoint.write_text_atomic(path, lines)
+        files.write_text_atomic(path, lines)
         for part in parts:
             part.unlink()
     distributed.barrier(env)
@@ -380,7 +380,7 @@ def check_run_config(out: Path, args: argparse.Namespace, env: Dist) -> None:
     if env.main:
         if saved is not None and args.overwrite:
             shutil.rmtree(out)
-        checkpoint.write_text_atomic(path, json.dumps(config, indent=1) + "\n")
+        files.write_text_atomic(path, json.dumps(config, indent=1) + "\n")
     distributed.barrier(env)
 
 

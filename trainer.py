@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import checkpoint
 import distributed
+import files
 from distributed import Dist
 
 @dataclass
@@ -217,8 +218,7 @@ class Trainer:
 
     def log(self, record: dict) -> None:
         if self.env.main:
-            with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"stage": self.desc, **record}) + "\n")
+            files.append_line(self.run_dir / "log.jsonl", json.dumps({"stage": self.desc, **record}))
 
     def trim_log(self) -> None:
         """Drop the log records of work after the checkpoint being resumed (a crash, SIGKILL or
@@ -233,7 +233,7 @@ class Trainer:
                 if (record["epoch"] < self.state["epoch"] if "val_loss" in record
                         else record["step"] <= self.state["step"]):
                     kept.append(line + "\n")
-        checkpoint.write_text_atomic(path, "".join(kept))
+        files.write_text_atomic(path, "".join(kept))
 
     def train_epoch(self, steps: Sequence[Sequence[Any]], stop: list[int], total: int,
                     bar: tqdm) -> None:

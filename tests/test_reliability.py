@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import checkpoint
 import data
 import eval as ev
+import files
 import lora
 import models
 import muscle
@@ -287,3 +288,24 @@ def test_no_code_path_unpickles_or_runs_remote_code():
     # Every reference to torch.load is a checked call (no alias escapes the check), and both
     # readers of .bin files (models.py, lora.py) were seen, so the scan is not vacuous.
     assert references == checked_calls == 2
+
+
+def test_eval_out_is_checked_before_scoring_and_a_full_disk_keeps_the_earlier_file(
+        tiny_models, data_dir, tmp_path, monkeypatch, capsys):
+    flags = ["--model", tiny_models[0], "--task", "piqa", "--data-dir", str(data_dir), "--limit", "2"]
+    (tmp_path / "a_dir").mkdir()
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model for an unwritable --out"))
+    assert ev.main([*flags, "--out", str(tmp_path / "a_dir")]) == 2
+    assert_one_line_error(capsys.readouterr().err, f"--out {tmp_path / 'a_dir'} is a directory; --out takes a file "
+                                                   f"path: pass another --out")
+    monkeypatch.undo()
+    out = tmp_path / "p.jsonl"
+    out.write_text("finished work\n")
+
+    def full_disk(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(files, "fsync_file", full_disk)
+    assert ev.main([*flags, "--out", str(out)]) == 2
+    assert_one_line_error(capsys.readouterr().err, f"cannot write --out {out} (No space left on device); an earlier "
+                                                   f"file there is intact")
+    assert out.read_text() == "finished work\n" and sorted(os.listdir(tmp_path)) == ["a_dir", "p.jsonl"]
