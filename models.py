@@ -155,8 +155,19 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | None = None,
 
 
 def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
-    """The tokenizer of a registry name, local checkpoint dir or hub repo id (see tokenizer.py)."""
-    return load_tokenizer_dir(resolve(name_or_path))
+    """The tokenizer of a registry name, local checkpoint dir or hub repo id (see tokenizer.py),
+    checked against the checkpoint's own config.json: an id at or past `vocab_size` has no row
+    in the embedding, so a tokenizer with more tokens belongs to another model. Fewer is usual
+    (Phi pads its embedding to 51200 rows for 50295 tokens)."""
+    ckpt_dir = resolve(name_or_path)
+    tok = load_tokenizer_dir(ckpt_dir)
+    vocab_size = read_config(ckpt_dir).get("vocab_size")
+    if vocab_size is not None and tok.vocab_size > vocab_size:
+        raise ValueError(
+            f"{tok.backend.path} has {tok.vocab_size} tokens but {ckpt_dir / 'config.json'} has "
+            f"vocab_size {vocab_size}: ids from {vocab_size} on have no embedding, so the tokenizer "
+            f"files belong to another model; copy those of the checkpoint's own repo")
+    return tok
 
 
 def resolve(name_or_path: str | Path) -> Path:

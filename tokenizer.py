@@ -17,12 +17,14 @@ CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 class _Backend(Protocol):
     vocab_size: int
+    path: Path  # the file it was read from
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
     def token_id(self, token: str) -> int | None: ...
     def prepends(self, token_id: int) -> bool: ...
     def builtin_ids(self) -> tuple[int | None, int | None]: ...
+    def pieces(self) -> list[str | None]: ...
 
 
 class _HFTokenizers:
@@ -31,7 +33,11 @@ class _HFTokenizers:
     def __init__(self, path: Path):
         from tokenizers import Tokenizer as RustTokenizer
 
-        self.tok = RustTokenizer.from_file(str(path))
+        self.path = path
+        try:
+            self.tok = RustTokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a bare Exception for an unreadable file
+            raise ValueError(_unreadable(path, "the tokenizers library", e)) from e
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
@@ -50,6 +56,9 @@ class _HFTokenizers:
     def builtin_ids(self) -> tuple[int | None, int | None]:
         return None, None  # tokenizer.json does not say which added token is BOS/EOS
 
+    def pieces(self) -> list[str | None]:
+        return [self.tok.id_to_token(i) for i in range(self.vocab_size)]
+
 
 class _SentencePiece:
     """tokenizer.model via `sentencepiece` (Llama 1/2 and Vicuna ship one)."""
@@ -57,7 +66,11 @@ class _SentencePiece:
     def __init__(self, path: Path):
         import sentencepiece as spm
 
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.path = path
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(_unreadable(path, "sentencepiece", e)) from e
         self.vocab_size = self.sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
@@ -77,6 +90,9 @@ class _SentencePiece:
     def builtin_ids(self) -> tuple[int | None, int | None]:
         """BOS/EOS as trained into the model file (-1 = none)."""
         return tuple(i if i >= 0 else None for i in (self.sp.bos_id(), self.sp.eos_id()))
+
+    def pieces(self) -> list[str | None]:
+        return [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
 
 
 class Tokenizer:
@@ -99,6 +115,14 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(list(ids))
 
+    def vocabulary(self) -> list[str | None]:
+        """Every id's piece, the token's own string ("▁the", "<0x0A>", "<s>"; added and special
+        tokens included; None for an id the file leaves unused). Unlike decoding one id at a
+        time, this is the same for a sentencepiece tokenizer.model and the tokenizer.json
+        converted from it: decoding turns "<unk>" into " ⁇ " in one and "" in the other, and a
+        byte piece into a partial UTF-8 character."""
+        return self.backend.pieces()
+
 
 def load_tokenizer_dir(ckpt_dir: Path) -> Tokenizer:
     """The tokenizer of a checkpoint directory (tokenizer.json preferred, else tokenizer.model)."""
@@ -120,6 +144,11 @@ def load_tokenizer_dir(ckpt_dir: Path) -> Tokenizer:
     if add_bos is None:
         add_bos = bos_id is not None and backend.prepends(bos_id)
     return Tokenizer(backend, bos_id, eos_id, _first_int(pad_id, eos_id, 0), bool(add_bos) and bos_id is not None)
+
+
+def _unreadable(path: Path, reader: str, error: Exception) -> str:
+    return (f"cannot read {path} with {reader} ({error}); the file is truncated or not a "
+            f"tokenizer: copy it again from the checkpoint's original repo")
 
 
 def _special_token_settings(ckpt_dir: Path) -> dict[str, Any]:

@@ -123,21 +123,23 @@ def task_data(args: argparse.Namespace, tokenizer: Any, env: Dist) -> TaskData:
 
 
 def check_same_vocab(old: str, new: str) -> None:
-    """MUSCLE compares the two models' distributions token by token, so both must share one
-    vocabulary (PAPER.md: updates into Llama 3 change it and are out of scope)."""
+    """MUSCLE compares the two models' distributions token by token (paper eq. 1), so both must
+    share one vocabulary: the same piece under every id, special and added tokens included,
+    whichever file (tokenizer.json or tokenizer.model) each side ships, and embeddings of one
+    size. Updates into Llama 3 change it (paper section 8)."""
     tokenizers = [models.load_tokenizer(n) for n in (old, new)]
     sizes = [models.read_config(models.resolve(n)).get("vocab_size") for n in (old, new)]
-    vocabs = [[t.decode([i]) for i in range(t.vocab_size)] for t in tokenizers]
+    vocabs = [t.vocabulary() for t in tokenizers]
     differing = [f"id {i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(*vocabs)) if a != b][:3]
     if not differing:  # one vocabulary is a prefix of the other: name what the longer one adds
         n = min(map(len, vocabs))
         extra = max(vocabs, key=len)[n:n + 3]
-        differing = [f"id {n + j}: {token!r} in one only" for j, token in enumerate(extra)]
+        differing = [f"id {n + j}: {piece!r} in one only" for j, piece in enumerate(extra)]
     if sizes[0] != sizes[1] or differing:
         raise ValueError(
             f"--old {old} and --new {new} do not share a vocabulary (model vocab_size {sizes[0]} vs "
             f"{sizes[1]}, tokenizer sizes {len(vocabs[0])} vs {len(vocabs[1])}; first differing "
-            f"tokens: {'; '.join(differing)}). MUSCLE distils logits token by token and needs "
+            f"pieces: {'; '.join(differing)}). MUSCLE distils logits token by token and needs "
             f"one vocabulary for both")
 
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 DATA_DIR = Path(os.environ.get("MUSCLE_DATA_DIR", ROOT.parent / "shared" / "data"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The real task data; tests that need it skip with the reason when it is absent."""
     if not DATA_DIR.is_dir():

@@ -33,6 +33,23 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides) -> transformers.PreTr
     return model.eval()
 
 
+def write_tiny_llama(directory: Path, seed: int, vocab_size: int) -> Path:
+    """A 2-layer, hidden-32 random Llama (GQA) as config.json + model.safetensors in `directory`
+    (the tokenizer files are the caller's), built by our own code from the seed."""
+    import models
+    from safetensors.torch import save_file
+
+    config = dict(model_type="llama", vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(seed)
+    model = models.build_model(config)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    return directory
+
+
 def save_checkpoint(model: transformers.PreTrainedModel, path: Path, sharded: bool = False) -> Path:
     """save_pretrained as safetensors; `sharded` splits it into several files with an index."""
     model.save_pretrained(path, max_shard_size="40KB" if sharded else "5GB")

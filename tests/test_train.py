@@ -22,6 +22,7 @@ import teacher_cache
 import train
 import trainer
 from distributed import Dist
+from fake_hub import write_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tiny models: one thread is ~10x faster than two on a busy 2-core machine (no spin-waiting).
@@ -49,14 +50,7 @@ def make_tokenizer(directory: Path, vocab_size: int = 300, corpus=CORPUS) -> Non
 def make_checkpoint(directory: Path, seed: int, vocab_size: int = 300, corpus=CORPUS) -> Path:
     """A 2-layer, hidden-32 random Llama (GQA) with the tiny tokenizer, as a HF checkpoint dir."""
     make_tokenizer(directory, vocab_size, corpus)
-    config = dict(model_type="llama", vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False)
-    (directory / "config.json").write_text(json.dumps(config))
-    torch.manual_seed(seed)
-    model = models.build_model(config)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
-    return directory
+    return write_tiny_llama(directory, seed, vocab_size)
 
 
 @pytest.fixture(scope="session")
@@ -255,10 +249,10 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("vocab_size, corpus, expected", [
-    (280, CORPUS, r"vocab_size 300 vs 280, tokenizer sizes 300 vs 280; first differing tokens: "
+    (280, CORPUS, r"vocab_size 300 vs 280, tokenizer sizes 300 vs 280; first differing pieces: "
                   r"id 280: '.+' in one only"),
     (300, [t.upper() for t in CORPUS], r"vocab_size 300 vs 300, tokenizer sizes 300 vs 300; "
-                                       r"first differing tokens: id \d+: '.+' vs '.+'"),
+                                       r"first differing pieces: id \d+: '.+' vs '.+'"),
 ])
 def test_different_vocabularies_are_refused_before_training(tiny_models, tmp_path, data_dir,
                                                             vocab_size, corpus, expected):
