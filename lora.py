@@ -9,6 +9,17 @@ Adapters are saved in PEFT's on-disk format (`adapter_config.json` + `adapter_mo
 with keys `base_model.model.<module path>.lora_A.weight`), so an adapter trained here loads in
 PEFT and in serving stacks that read PEFT adapters, and a PEFT adapter loads here.
 
+Precision: adapter weights are stored in float32 whatever the base's dtype (float64 stays float64),
+as PEFT's default `autocast_adapter_dtype=True` does. On a bfloat16 base, a saved adapter then loads
+back bit for bit, the copy that initialises the compatibility adapter equals the task adapter
+exactly, and AdamW's small updates are not lost to bf16's 8-bit mantissa. The LoRA branch computes
+in the input's dtype (the weights are cast for the matmul; gradients reach the float32 weights
+through the cast): on GPU, FSDP's mixed-precision policy casts every parameter to bfloat16 for
+compute anyway, so unsharded scoring computes as sharded training did; the bf16 matmuls keep
+tensor-core speed (fp32 ones are an order of magnitude slower and the branch is a few percent of
+a layer's FLOPs at rank 128); and the branch's output is added to the base's bf16 output, so
+computing it in fp32 would be rounded away at that sum.
+
 FSDP2: call `add_adapter` / `load_adapter` / `copy_adapter` before `fully_shard` (they add modules).
 A LoRALinear's frozen base weight and trainable A and B are ordinary parameters of one module, so
 they shard together; `save_adapter` gathers them (a collective: call it on every rank) and writes
@@ -91,8 +102,10 @@ class LoRALinear(nn.Module):
 
     def add(self, name: str, spec: AdapterSpec) -> None:
         """A new adapter whose update B A is zero: A Kaiming-uniform as in the LoRA paper's code
-        and PEFT, B zeros (LoRA section 4.1), so training starts from the base model."""
-        like = dict(bias=False, device=self.weight.device, dtype=self.weight.dtype)
+        and PEFT, B zeros (LoRA section 4.1), so training starts from the base model. The weights
+        are float32 (or float64 on a float64 base), whatever the base's dtype."""
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        like = dict(bias=False, device=self.weight.device, dtype=dtype)
         self.lora_A[name] = nn.Linear(self.in_features, spec.rank, **like)
         self.lora_B[name] = nn.Linear(spec.rank, self.out_features, **like)
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
@@ -120,7 +133,8 @@ class LoRALinear(nn.Module):
         name = self.active
         if name is None or name == self.merged or name not in self.lora_A:
             return out  # an adapter may target a subset of layers: elsewhere it is the base
-        update = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        update = F.linear(F.linear(self.lora_dropout[name](x), a.to(x.dtype)), b.to(x.dtype))
         return out + update * self.specs[name].scaling
 
     def extra_repr(self) -> str:

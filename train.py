@@ -162,11 +162,8 @@ def model_dtype(args: argparse.Namespace, env: Dist) -> torch.dtype:
 
 
 def prepare(model: nn.Module, env: Dist, grad_checkpointing: bool) -> nn.Module:
-    """Trainable parameters to fp32 (master weights; the base may be bf16), optional activation
-    checkpointing, then FSDP sharding."""
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    """Optional activation checkpointing, then FSDP sharding. The trainable adapters are float32
+    already on any base (lora.py), so they are their own master weights."""
     if grad_checkpointing:
         distributed.enable_activation_checkpointing(model)
     return distributed.shard(model, env)
@@ -292,12 +289,10 @@ def stage_task(args: argparse.Namespace, env: Dist, out: Path, stage: int, td: T
                          base)
 
 
-def stage_compat(args: argparse.Namespace, env: Dist, out: Path, td: TaskData) -> dict:
-    """Stage 3: Ac on base v2, initialised as a copy of A2 (paper A.1), with the MUSCLE loss."""
-    if args.teacher_cache == "memory" and env.world > 1:
-        raise ValueError("--teacher-cache memory needs a single process: under torchrun the rows of "
-                         "a reshuffled batch move between ranks every epoch, so the ranks' caches "
-                         "would rarely hold a whole batch; use --teacher-cache off with torchrun")
+def compat_models(args: argparse.Namespace, env: Dist, out: Path) -> tuple[nn.Module, nn.Module]:
+    """Stage 3's models, prepared and sharded: the student v2 holding A2 as "task" (M2) and its
+    copy "compat" (trainable), and the frozen M1 = v1 + A1. The adapters are float32 on any base,
+    so "task" and "compat" start equal to the A2 that stage 2 saved, bit for bit."""
     a1, a2 = adapter_dir(out, 1), adapter_dir(out, 2)  # before loading anything
     student = load_base(args.new, args, env)
     lora.load_adapter(student, a2, "task")
@@ -305,8 +300,16 @@ def stage_compat(args: argparse.Namespace, env: Dist, out: Path, td: TaskData) -
     lora.mark_trainable(student, "compat")
     old = load_base(args.old, args, env)
     lora.load_adapter(old, a1, "task")
-    student = prepare(student, env, args.grad_checkpointing)
-    old = frozen_teacher(old, env)
+    return prepare(student, env, args.grad_checkpointing), frozen_teacher(old, env)
+
+
+def stage_compat(args: argparse.Namespace, env: Dist, out: Path, td: TaskData) -> dict:
+    """Stage 3: Ac on base v2, initialised as a copy of A2 (paper A.1), with the MUSCLE loss."""
+    if args.teacher_cache == "memory" and env.world > 1:
+        raise ValueError("--teacher-cache memory needs a single process: under torchrun the rows of "
+                         "a reshuffled batch move between ranks every epoch, so the ranks' caches "
+                         "would rarely hold a whole batch; use --teacher-cache off with torchrun")
+    student, old = compat_models(args, env, out)
     cache = TeacherCache() if args.teacher_cache == "memory" else None
     return train_adapter(args, env, out, 3, student, "compat", muscle_loss(student, old, args, cache),
                          td, args.new)

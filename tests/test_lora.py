@@ -221,6 +221,66 @@ def test_copy_adapter_is_equal_and_independent():
         assert torch.equal(outputs(model, X), task_out)
 
 
+# ---------------------------------------------------------------- a bfloat16 base
+
+def test_adapters_stay_float32_on_a_bf16_base_and_load_back_bit_identical(tmp_path):
+    """Saved float32 weights (here random: most are not bfloat16 numbers) come back bit for bit
+    on a bf16 base, and a copy equals its source exactly, as stage 3's compat adapter equals A2."""
+    model = Toy().to(torch.bfloat16)
+    lora.add_adapter(model, "task", rank=4, alpha=8)
+    randomize(model, "task", 0)
+    weights = {k: p.detach().clone() for k, p in lora.adapter_parameters(model, "task").items()}
+    assert {p.dtype for p in weights.values()} == {torch.float32}
+    assert any(not torch.equal(p, p.bfloat16().float()) for p in weights.values())
+    assert model.layers[0].q_proj.weight.dtype == torch.bfloat16
+    lora.save_adapter(model, tmp_path, "task")
+    alone = Toy().to(torch.bfloat16)
+    lora.load_adapter(alone, tmp_path, "task")
+    lora.copy_adapter(alone, "task", "compat")
+    for adapter in ("task", "compat"):
+        loaded = lora.adapter_parameters(alone, adapter)
+        for k, p in weights.items():
+            assert torch.equal(loaded[k.replace(".task.", f".{adapter}.")], p), (adapter, k)
+    x = X.bfloat16()
+    assert outputs(alone, x).dtype == torch.bfloat16
+    assert torch.equal(outputs(alone, x), outputs(model, x))
+
+
+def test_lora_branch_computes_in_the_input_dtype_with_float32_gradients():
+    """On a bf16 base the branch is x_bf16 A_bf16^T B_bf16^T (as under FSDP's bf16 policy), and
+    the gradients reach the float32 weights in float32."""
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(6, 5).to(torch.bfloat16))
+    layer.add("a", lora.AdapterSpec(rank=3, alpha=6, dropout=0.0, targets=["x"]))
+    layer.active = "a"
+    with torch.no_grad():
+        layer.lora_B["a"].weight.normal_()
+    x = X.bfloat16()
+    a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    expected = (torch.nn.functional.linear(x, layer.weight, layer.bias)
+                + (x @ a.bfloat16().T @ b.bfloat16().T) * 2.0)
+    out = layer(x)
+    assert torch.equal(out, expected)
+    out.float().sum().backward()
+    assert a.grad.dtype == b.grad.dtype == torch.float32 and a.grad.abs().sum() > 0
+
+
+def test_merge_then_unmerge_on_a_bf16_base():
+    model = Toy().to(torch.bfloat16)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    lora.add_adapter(model, rank=4, alpha=8)
+    randomize(model, "default", 0)
+    x = X.bfloat16()
+    unmerged = outputs(model, x)
+    lora.merge_adapter(model, "default")
+    assert model.layers[0].q_proj.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(outputs(model, x), unmerged, rtol=0.05, atol=0.05)  # bf16 rounding
+    lora.unmerge_adapter(model, "default")
+    for key, value in original.items():  # within the rounding of bf16 weights near 1 (2^-8)
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=2 ** -7)
+    assert lora.adapter_parameters(model, "default")["layers.0.q_proj.lora_A.default.weight"].dtype == torch.float32
+
+
 def test_user_errors_have_clear_messages(tmp_path):
     model = Toy()
     with pytest.raises(ValueError, match=r"\['o_proj'\] match no linear layer.*'fc1', 'fc2', 'lm_head', 'q_proj'"):
@@ -342,25 +402,32 @@ def test_peft_adapter_loads_here(checkpoint, tmp_path):
 
 # ---------------------------------------------------------------- FSDP2 (CPU, gloo, 2 processes)
 
+FSDP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def _sharded_save(rank: int, world: int, port: int, out: str) -> None:
+    """For a float32 and a bfloat16 base: shard, run a backward, save (into out/<dtype>)."""
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     from torch.distributed.fsdp import fully_shard
 
-    model = Toy()
-    lora.add_adapter(model, rank=2)
-    randomize(model, "default", 0)
-    lora.mark_trainable(model, "default")
-    expected = lora.adapter_state_dict(model, "default")
-    for block in model.layers:
-        fully_shard(block)
-    fully_shard(model)
-    param = model.layers[0].q_proj.lora_A["default"].weight
-    assert type(param).__name__ == "DTensor" and param.to_local().shape == (1, 6)
-    model(X).sum().backward()  # frozen and trainable parameters shard together
-    lora.save_adapter(model, out)
-    got = lora.adapter_state_dict(model, "default")
-    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    for dtype_name, dtype in FSDP_DTYPES.items():
+        model = Toy().to(dtype)
+        lora.add_adapter(model, rank=2)
+        randomize(model, "default", 0)
+        lora.mark_trainable(model, "default")
+        expected = lora.adapter_state_dict(model, "default")
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        param = model.layers[0].q_proj.lora_A["default"].weight
+        assert type(param).__name__ == "DTensor" and param.to_local().shape == (1, 6)
+        assert param.dtype == torch.float32  # float32 adapters shard with a bf16 base in one unit
+        model(X.to(dtype)).float().sum().backward()  # frozen and trainable parameters shard together
+        assert param.grad.dtype == torch.float32
+        lora.save_adapter(model, os.path.join(out, dtype_name))
+        got = lora.adapter_state_dict(model, "default")
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -372,10 +439,11 @@ def test_save_under_fsdp2_gathers_shards_and_writes_once(tmp_path):
     # ("terminate called without an active exception", about 1 run in 20).
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     mp.spawn(_sharded_save, args=(2, store.port, str(tmp_path)), nprocs=2)
-    alone = Toy()
-    lora.load_adapter(alone, tmp_path)
-    model = Toy()
-    lora.add_adapter(model, rank=2)
-    randomize(model, "default", 0)
-    torch.testing.assert_close(outputs(alone, X), outputs(model, X), rtol=0, atol=0)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    for dtype_name, dtype in FSDP_DTYPES.items():
+        alone = Toy().to(dtype)
+        lora.load_adapter(alone, tmp_path / dtype_name)
+        model = Toy().to(dtype)
+        lora.add_adapter(model, rank=2)
+        randomize(model, "default", 0)
+        torch.testing.assert_close(outputs(alone, X.to(dtype)), outputs(model, X.to(dtype)), rtol=0, atol=0)
+        assert sorted(os.listdir(tmp_path / dtype_name)) == ["adapter_config.json", "adapter_model.safetensors"]

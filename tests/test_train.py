@@ -340,6 +340,39 @@ def test_all_four_stages_end_to_end_then_skipped(tiny_models, data_dir, tmp_path
     assert capsys.readouterr().out.count("skipped") == 4
 
 
+@pytest.mark.slow  # ~5 s: stages 1 and 2
+def test_stage3_on_a_bf16_base_starts_from_a2_exactly(tiny_models, data_dir, tmp_path, monkeypatch):
+    """--dtype bfloat16 (the GPU default; here on CPU): stage 3's compat adapter at step 0 equals
+    the A2 that stage 2 saved, bit for bit in float32, and the teachers' logits in stage 3 equal
+    those of the models stages 1 and 2 held when they saved A1 and A2."""
+    ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(0))
+    at_save: dict[str, torch.Tensor] = {}
+    real_save = lora.save_adapter
+
+    def save_and_record(model, path, name="default", **kw):
+        real_save(model, path, name, **kw)
+        with train.teacher_mode(model, name):
+            at_save[Path(path).parent.name] = model(ids)
+    monkeypatch.setattr(lora, "save_adapter", save_and_record)
+    out = tmp_path / "run"
+    flags = tiny_flags(*tiny_models, data_dir, out, "--dtype", "bfloat16")
+    for stage in ("1", "2"):
+        assert train.main(flags + ["--stage", stage]) == 0
+    student, old = train.compat_models(train.parse_args(flags), Dist(), out)
+    assert student.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    a2 = load_file(out / train.STAGES[2] / "adapter" / "adapter_model.safetensors")
+    for adapter in ("task", "compat"):
+        state = lora.adapter_state_dict(student, adapter)
+        assert state.keys() == a2.keys()
+        for k in a2:
+            assert state[k].dtype == torch.float32 and torch.equal(state[k], a2[k]), (adapter, k)
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in a2.values())  # rounding would show
+    with train.teacher_mode(student, "task"):
+        assert torch.equal(student(ids), at_save[train.STAGES[2]])
+    with torch.no_grad():
+        assert torch.equal(old(ids), at_save[train.STAGES[1]])
+
+
 # Stage 3 in 24 small steps (16 train items, 2 per step, 3 epochs), a checkpoint after each.
 KILL_FLAGS = ["--limit-train", "20", "--epochs", "3", "--batch-size", "2", "--grad-accum", "1",
               "--save-every", "1"]
