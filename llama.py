@@ -146,7 +146,7 @@ class KVCache:
 
 @dataclass
 class AttentionContext:
-    """What every layer of one forward needs: RoPE tables, the boolean mask (None = plain causal)."""
+    """What every layer of one forward needs: RoPE tables, the boolean mask (None = SDPA's causal path)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -154,27 +154,40 @@ class AttentionContext:
     cache: KVCache | None
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row is its real tokens, then padding only (or no padding): a 1 in the first column
+    and no 0 -> 1 step. One host-device sync per forward, not per layer."""
+    real = attention_mask.bool()
+    return bool((real[:, 0].all() & (real[:, 1:] <= real[:, :-1]).all()).item())
+
+
 def attention_context(rotary: RotaryEmbedding, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       cache: KVCache | None, dtype: torch.dtype) -> AttentionContext:
     """Positions and mask from the padding mask, so padded rows equal the sequence alone.
 
-    Positions are cumsum(attention_mask) - 1 (left padding does not shift the real tokens). A query may
+    Without a mask, or with right padding and no cached positions (training, validation,
+    scoring's prefixes): positions 0..T-1 and no mask, so SDPA takes its `is_causal` path
+    (FlashAttention on GPU) and no [B, 1, T, T] mask is built. A real token then never sees a pad,
+    which only ever follows it; pad positions carry no loss and are never read.
+
+    Otherwise (left padding in generation, tokens after a cache): positions are
+    cumsum(attention_mask) - 1 (left padding does not shift the real tokens) and a query may
     attend to key j when j is a real token and j <= its own index. Pad queries also attend to
     themselves: a left-pad row would otherwise be fully masked and SDPA would return NaN.
     """
     batch, t = input_ids.shape
     past = cache.length if cache is not None else 0
-    if attention_mask is None and cache is None:
-        positions = torch.arange(t, device=input_ids.device).expand(batch, t)
-        cos, sin = rotary(positions, dtype)
-        return AttentionContext(cos, sin, None, None)
-    if attention_mask is None:
-        attention_mask = torch.ones(batch, past + t, dtype=torch.long, device=input_ids.device)
-    if attention_mask.shape != (batch, past + t):
+    if attention_mask is not None and attention_mask.shape != (batch, past + t):
         raise ValueError(
             f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, past + t)} "
             "(it must cover the cached positions plus the new tokens)"
         )
+    if past == 0 and (attention_mask is None or is_right_padded(attention_mask)):
+        positions = torch.arange(t, device=input_ids.device).expand(batch, t)
+        cos, sin = rotary(positions, dtype)
+        return AttentionContext(cos, sin, None, cache)
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, past + t, dtype=torch.long, device=input_ids.device)
     real = attention_mask.bool()
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
     query_idx = torch.arange(past, past + t, device=input_ids.device)[:, None]

@@ -112,6 +112,62 @@ def check_left_padded_generation_equals_alone(model: torch.nn.Module) -> None:
         torch.testing.assert_close(step[i], expected, rtol=0, atol=1e-5)
 
 
+class SDPACalls:
+    """Counts F.scaled_dot_product_attention calls, and those given a mask, while patched in."""
+
+    def __init__(self, monkeypatch):
+        self.calls, self.masked = 0, 0
+        real = torch.nn.functional.scaled_dot_product_attention
+
+        def counting(*args, attn_mask=None, is_causal=False, **kw):
+            self.calls += 1
+            self.masked += attn_mask is not None
+            assert is_causal == (attn_mask is None)
+            return real(*args, attn_mask=attn_mask, is_causal=is_causal, **kw)
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+
+
+def _right_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = random_ids((3, 9), seed=7)
+    mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4, [1] * 2 + [0] * 7])
+    return ids * mask, mask
+
+
+def _logits_and_grads(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor):
+    """Logits at the real positions and the parameters' gradients of a weighted sum of them."""
+    model.zero_grad(set_to_none=True)
+    logits = model(ids, attention_mask=mask)[mask.bool()]
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(8))
+    (logits * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return logits.detach(), grads
+
+
+def check_right_padding_takes_the_causal_path(model: torch.nn.Module, monkeypatch) -> None:
+    """A right-padded batch passes SDPA no mask (its is_causal path) and gives the masked path's
+    logits and gradients at every real position; left padding still passes the mask."""
+    import llama
+
+    ids, mask = _right_padded_batch()
+    sdpa = SDPACalls(monkeypatch)
+    causal = _logits_and_grads(model, ids, mask)
+    layers = model.config.num_hidden_layers
+    assert (sdpa.calls, sdpa.masked) == (layers, 0)
+    monkeypatch.setattr(llama, "is_right_padded", lambda m: False)  # force the masked path
+    masked = _logits_and_grads(model, ids, mask)
+    assert (sdpa.calls, sdpa.masked) == (2 * layers, layers)
+    torch.testing.assert_close(causal[0], masked[0], rtol=0, atol=1e-5)
+    assert causal[1].keys() == masked[1].keys() and len(causal[1]) > 0
+    for name in causal[1]:
+        torch.testing.assert_close(causal[1][name], masked[1][name], rtol=1e-4, atol=1e-6)
+    monkeypatch.undo()
+    sdpa = SDPACalls(monkeypatch)
+    with torch.no_grad():
+        model(ids.flip(1), attention_mask=mask.flip(1))  # left padding
+    assert (sdpa.calls, sdpa.masked) == (layers, layers)
+
+
 # --------------------------------------------------------------------------------------- fake hub
 class FakeHub:
     """A threaded HTTP server on 127.0.0.1 answering the requests huggingface_hub's snapshot_download

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 from conftest import DATA_DIR
-from fake_hub import save_checkpoint, tiny_hf_model
+from fake_hub import SDPACalls, save_checkpoint, tiny_hf_model
 from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, processors, trainers
 
 import data
@@ -174,6 +174,20 @@ def test_sorted_suffix_groups_equal_plain_path(setup, plain_scores, suffix_rows)
     for p, f in zip(plain, fast):
         assert [ll for ll, _ in f] == pytest.approx(p["loglikelihoods"], abs=1e-5)
         assert [g for _, g in f] == p["is_greedy"]
+
+
+def test_fast_path_runs_its_right_padded_prefixes_without_a_mask(setup, plain_scores, monkeypatch):
+    """The items' shared prefixes (one right-padded batch) take SDPA's causal path; the choice rows
+    after the cache need the mask (their keys include the prefixes' padding)."""
+    items, plain = plain_scores[2048]
+    requests = [[ev.encode_request(setup.tok, it.context, " " + c) for c in it.choices] for it in items]
+    sdpa = SDPACalls(monkeypatch)
+    with torch.no_grad():
+        fast = ev._score_items_fast(setup.model, requests, suffix_rows=100)
+    layers = setup.model.config.num_hidden_layers
+    assert (sdpa.calls, sdpa.masked) == (2 * layers, layers)  # prefix forward, one suffix group
+    for p, f in zip(plain, fast):
+        assert [ll for ll, _ in f] == pytest.approx(p["loglikelihoods"], abs=1e-5)
 
 
 def test_shared_prefix_covers_common_tokens_but_leaves_each_choice_one():

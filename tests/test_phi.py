@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 from fake_hub import (check_kv_cache_equals_full_forward, check_left_padded_generation_equals_alone,
-                      check_padded_batch_equals_alone, max_logit_diff, random_ids, save_checkpoint, tiny_hf_model)
+                      check_padded_batch_equals_alone, check_right_padding_takes_the_causal_path, max_logit_diff, random_ids, save_checkpoint, tiny_hf_model)
 from safetensors.torch import save_file
 
 import models
@@ -54,6 +54,10 @@ def test_padded_batch_equals_each_sequence_alone(pair):
 
 def test_left_padded_generation_with_cache_equals_alone(pair):
     check_left_padded_generation_equals_alone(pair[1])
+
+
+def test_right_padding_takes_the_causal_path_with_the_masked_paths_numbers(pair, monkeypatch):
+    check_right_padding_takes_the_causal_path(pair[1], monkeypatch)
 
 
 def test_resid_dropout_only_in_train_mode(tmp_path):

@@ -134,6 +134,25 @@ def test_gradients_reach_only_the_compatibility_adapter(tiny_models):
     assert lora.active_adapter(new) == "compat"  # the teacher's adapter switch was undone
 
 
+def test_training_losses_pass_no_attention_mask_for_right_padded_batches(tiny_models, monkeypatch):
+    """Collated batches are right-padded, so the student's and both teachers' forwards take SDPA's
+    causal path (FlashAttention on GPU): no mask is passed in any layer."""
+    from fake_hub import SDPACalls
+
+    old, new = (models.load_model(p) for p in tiny_models)
+    for m in (old, new):
+        lora.add_adapter(m, "task", rank=4, alpha=8)
+    lora.copy_adapter(new, "task", "compat")
+    tok = models.load_tokenizer(tiny_models[0])
+    batch = data.collate([example(tok, t) for t in CORPUS[:3]], tok.pad_id)
+    assert not batch["attention_mask"].bool().all()  # padded rows
+    args = argparse.Namespace(mask="student_correct", temperature=2.0, ce_weight=0.1, chunk_size=7)
+    sdpa = SDPACalls(monkeypatch)
+    train.ce_loss(new)(batch).loss.backward()
+    train.muscle_loss(new, old, args)(batch).loss.backward()
+    assert (sdpa.calls, sdpa.masked) == (4 * new.config.num_hidden_layers, 0)
+
+
 def test_activation_checkpointing_keeps_names_and_gradients(tiny_models):
     import distributed
 
