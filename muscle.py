@@ -32,7 +32,7 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
     """At least float32 for softmax statistics (bf16 logits lose the tails); float64 stays."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -46,7 +46,7 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 
 def _label_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[label] per position, at temperature 1; ignored labels read token 0."""
-    logp = torch.log_softmax(_upcast(logits), dim=-1)
+    logp = torch.log_softmax(upcast(logits), dim=-1)
     return logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
 
 
@@ -117,11 +117,18 @@ def get_mask(name: str) -> MaskFn:
 
 
 class LossSum(NamedTuple):
-    """A loss summed over real label tokens, their count, and how many followed the old model."""
+    """A loss summed over real label tokens, their count, and how many followed the old model.
+
+    Across two vocabularies (cross_vocab.py) also: the label tokens whose position aligns with
+    one of the old model's, the old model's probability mass mapped at those positions (a sum),
+    and the tokens where the mask asked for M1 at a position without one (they follow M2)."""
 
     loss: torch.Tensor
     tokens: int
     follow_old: int
+    aligned: int = 0
+    mapped_mass: float = 0.0
+    unaligned: int = 0
 
 
 def _aligned_loss(student: torch.Tensor, old: torch.Tensor, new: torch.Tensor,
@@ -129,19 +136,29 @@ def _aligned_loss(student: torch.Tensor, old: torch.Tensor, new: torch.Tensor,
                   ce_weight: float) -> LossSum:
     """Summed masked KL (+ CE) over the positions of `labels` that are not IGNORE_INDEX."""
     real = labels != IGNORE_INDEX
-    student, old, new = _upcast(student), _upcast(old), _upcast(new)
+    student, old, new = upcast(student), upcast(old), upcast(new)
     with torch.no_grad():
         follow_old = get_mask(mask)(student, old, new, labels) & real
         teacher = torch.where(follow_old.unsqueeze(-1), old, new)
         teacher_logp = torch.log_softmax(teacher / temperature, dim=-1)
+    per_token = distill_per_token(student, teacher_logp, labels, temperature, ce_weight)
+    return LossSum(per_token[real].sum(), int(real.sum()), int(follow_old.sum()))
+
+
+def distill_per_token(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                      temperature: float, ce_weight: float, log_target: bool = True) -> torch.Tensor:
+    """T^2 * KL(teacher || softmax(student / T)) (+ ce_weight * CE on labels) per position.
+
+    `student` holds fp32 logits [..., V]; `teacher` the teacher's log-probabilities at T (or its
+    probabilities, with log_target False: zero entries then add exactly 0)."""
     student_logp = torch.log_softmax(student / temperature, dim=-1)
-    kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1)
+    kl = F.kl_div(student_logp, teacher, log_target=log_target, reduction="none").sum(-1)
     per_token = temperature**2 * kl
     if ce_weight:
         ce = F.cross_entropy(student.flatten(0, -2), labels.flatten().clamp(min=0),
                              reduction="none").view_as(labels)
         per_token = per_token + ce_weight * ce
-    return LossSum(per_token[real].sum(), int(real.sum()), int(follow_old.sum()))
+    return per_token
 
 
 def _shift(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,12 +203,12 @@ def _chunks(labels: torch.Tensor, whole_rows: bool, chunk_size: int):
         yield real[start:start + chunk_size]
 
 
-def _trainable(head: Head) -> list[torch.Tensor]:
+def trainable(head: Head) -> list[torch.Tensor]:
     """The head's parameters that need gradients (none for a frozen lm_head or a plain function)."""
     return [p for p in getattr(head, "parameters", list)() if p.requires_grad]
 
 
-def _chunked_sum(chunk_loss: Callable[..., LossSum], inputs: Sequence[torch.Tensor],
+def chunked_sum(chunk_loss: Callable[..., LossSum], inputs: Sequence[torch.Tensor],
                  labels: torch.Tensor, whole_rows: bool, chunk_size: int,
                  params: Sequence[torch.Tensor] = ()) -> LossSum:
     """Sum of `chunk_loss(*(x[idx] for x in inputs), labels[idx])` over the chunks of `labels`
@@ -210,7 +227,7 @@ def _chunked_sum(chunk_loss: Callable[..., LossSum], inputs: Sequence[torch.Tens
     grads = [torch.zeros_like(x) for x in leaves]
     # Start from a zero tied to inputs[0], so a batch without label tokens still backpropagates
     # (under FSDP every rank must run the same backward collectives).
-    total, tokens, follow_old = _upcast(first.sum()) * 0, 0, 0
+    total, counts = upcast(first.sum()) * 0, [0] * (len(LossSum._fields) - 1)
     for idx in _chunks(labels, whole_rows, chunk_size):
         others = (*(x[idx] for x in rest), labels[idx])
         if not with_grad:
@@ -229,12 +246,12 @@ def _chunked_sum(chunk_loss: Callable[..., LossSum], inputs: Sequence[torch.Tens
                 else:
                     grads[i] += g
         total = total + out.loss.detach()
-        tokens, follow_old = tokens + out.tokens, follow_old + out.follow_old
+        counts = [a + b for a, b in zip(counts, out[1:])]
     if with_grad:
         # Value exactly 0; its gradient with respect to each leaf is that leaf's stored gradient.
         link = sum((x * g).sum() for x, g in zip(leaves, grads))
         total = total + (link - link.detach())
-    return LossSum(total, tokens, follow_old)
+    return LossSum(total, *counts)
 
 
 def muscle_loss_chunked(h_student: torch.Tensor, h_old: torch.Tensor, h_new: torch.Tensor,
@@ -244,7 +261,7 @@ def muscle_loss_chunked(h_student: torch.Tensor, h_old: torch.Tensor, h_new: tor
     """`muscle_loss` from final hidden states [B, T, H] and the three lm_heads (student, old, new).
 
     Logits exist for one chunk of at most `chunk_size` positions at a time, their gradients
-    taken in the forward pass (`_chunked_sum`): peak memory is three [chunk_size, V] fp32
+    taken in the forward pass (`chunked_sum`): peak memory is three [chunk_size, V] fp32
     tensors, never three [B*T, V] ones. The teachers' hidden states should come from no_grad
     forwards. Equals `muscle_loss` on the projected logits, in value and gradient.
     """
@@ -262,8 +279,8 @@ def muscle_loss_chunked(h_student: torch.Tensor, h_old: torch.Tensor, h_new: tor
             zo, zn = head_o(ho), head_n(hn)
         return _aligned_loss(head_s(hs), zo, zn, y, mask, temperature, ce_weight)
 
-    return _chunked_sum(chunk_loss, (h_student, h_old, h_new), labels, whole_rows, chunk_size,
-                        _trainable(head_s))
+    return chunked_sum(chunk_loss, (h_student, h_old, h_new), labels, whole_rows, chunk_size,
+                        trainable(head_s))
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> LossSum:
@@ -273,7 +290,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> LossSum:
 
 def _summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> LossSum:
     """Summed cross-entropy of aligned logits [..., V] against labels [...] (-100: no loss)."""
-    loss = F.cross_entropy(_upcast(logits).flatten(0, -2), labels.flatten(),
+    loss = F.cross_entropy(upcast(logits).flatten(0, -2), labels.flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
     return LossSum(loss, int((labels != IGNORE_INDEX).sum()), 0)
 
@@ -281,7 +298,7 @@ def _summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> LossSum
 def causal_lm_loss_chunked(hidden: torch.Tensor, head: Head, labels: torch.Tensor,
                            chunk_size: int = 1024) -> LossSum:
     """`causal_lm_loss` on `head(hidden)` (final hidden states [B, T, H], the lm_head), computed
-    `chunk_size` real label positions at a time (`_chunked_sum`): the whole batch's fp32 logits,
+    `chunk_size` real label positions at a time (`chunked_sum`): the whole batch's fp32 logits,
     their log-softmax and its gradient (3 x B x T x V x 4 bytes) never exist. Equals
     `causal_lm_loss` in value and gradient."""
     hidden, labels = _shift(hidden, labels)
@@ -289,5 +306,5 @@ def causal_lm_loss_chunked(hidden: torch.Tensor, head: Head, labels: torch.Tenso
     def chunk_loss(h, y):
         return _summed_cross_entropy(head(h), y)
 
-    return _chunked_sum(chunk_loss, (hidden.flatten(0, 1),), labels.flatten(), False, chunk_size,
-                        _trainable(head))
+    return chunked_sum(chunk_loss, (hidden.flatten(0, 1),), labels.flatten(), False, chunk_size,
+                        trainable(head))

@@ -9,6 +9,7 @@ for Llama 3); Phi's GPT-2 style tokenizer adds nothing.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,6 +21,8 @@ class _Backend(Protocol):
     path: Path  # the file it was read from
 
     def encode(self, text: str) -> list[int]: ...
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...
+    def surfaces(self) -> list[bytes | None]: ...
     def decode(self, ids: list[int]) -> str: ...
     def token_id(self, token: str) -> int | None: ...
     def prepends(self, token_id: int) -> bool: ...
@@ -42,6 +45,43 @@ class _HFTokenizers:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and each token's (start, end) character span in `text` (the library tracks them
+        through its normaliser; the bytes of one character split over tokens share its span)."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return enc.ids, [tuple(o) for o in enc.offsets]
+
+    def surfaces(self) -> list[bytes | None]:
+        """The bytes each id writes into the text (None: an added/special token).
+
+        Byte-level BPE (GPT-2, Llama 3) spells bytes as printable characters ("Ġ" = space);
+        Llama 2's converted tokenizer.json writes spaces as "▁" and falls back to "<0xNN>"
+        pieces; word-level and WordPiece tokenizers whose pre-tokenizer drops whitespace hold
+        words, read as starting after a space, and continuations after their prefix ("##")."""
+        spec = json.loads(self.tok.to_str())
+        kinds = _component_types(spec.get("pre_tokenizer")) | _component_types(spec.get("decoder"))
+        model = spec.get("model") or {}
+        prefix = model.get("continuing_subword_prefix") or None
+        drops_spaces = bool(kinds & {"Whitespace", "WhitespaceSplit", "BertPreTokenizer"})
+        byte_fallback = bool(model.get("byte_fallback"))
+        added = {t["id"] for t in spec.get("added_tokens", [])}
+        decode_byte_level = {c: b for b, c in _bytes_to_unicode().items()}
+        out: list[bytes | None] = []
+        for i in range(self.vocab_size):
+            token = self.tok.id_to_token(i)
+            if token is None or i in added:
+                out.append(None)
+            elif "ByteLevel" in kinds:
+                out.append(bytes(decode_byte_level[c] for c in token))
+            elif byte_fallback and _BYTE_PIECE.fullmatch(token):
+                out.append(bytes([int(token[3:5], 16)]))
+            elif drops_spaces:
+                word = token[len(prefix):] if prefix and token.startswith(prefix) else " " + token
+                out.append(word.encode())
+            else:
+                out.append(token.replace("\u2581", " ").encode())
+        return out
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -75,6 +115,27 @@ class _SentencePiece:
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character spans; sentencepiece reports UTF-8 byte offsets, converted here. A
+        character split into byte pieces gives its leading pieces an empty span at its start."""
+        proto = self.sp.encode(text, return_type="proto")
+        char_at = _char_index_of_bytes(text)
+        return ([p.id for p in proto.pieces],
+                [(char_at[p.begin], char_at[p.end]) for p in proto.pieces])
+
+    def surfaces(self) -> list[bytes | None]:
+        """The bytes each id writes into the text ("▁" is a space, "<0xNN>" one byte); None for
+        control and unknown pieces."""
+        sp, out = self.sp, []
+        for i in range(self.vocab_size):
+            if sp.is_control(i) or sp.is_unknown(i):
+                out.append(None)
+            elif sp.is_byte(i):
+                out.append(bytes([int(sp.id_to_piece(i)[3:5], 16)]))
+            else:
+                out.append(sp.id_to_piece(i).replace("\u2581", " ").encode())
+        return out
 
     def decode(self, ids: list[int]) -> str:
         special = {self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()}
@@ -111,6 +172,19 @@ class Tokenizer:
         bos = self.add_bos if add_bos is None else add_bos
         prefix = [self.bos_id] if bos and self.bos_id is not None else []
         return prefix + self.backend.encode(text)
+
+    def encode_with_offsets(self, text: str, add_bos: bool | None = None
+                            ) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode` with each token's (start, end) character span in `text`; BOS spans (0, 0)."""
+        ids, spans = self.backend.encode_with_offsets(text)
+        bos = self.add_bos if add_bos is None else add_bos
+        if bos and self.bos_id is not None:
+            return [self.bos_id] + ids, [(0, 0)] + spans
+        return ids, spans
+
+    def surfaces(self) -> list[bytes | None]:
+        """Per id, the bytes the token writes into the text; None for special tokens."""
+        return self.backend.surfaces()
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(list(ids))
@@ -166,6 +240,33 @@ def _token_id(backend: _Backend, token: str | dict | None) -> int | None:
     if isinstance(token, dict):
         token = token.get("content")
     return backend.token_id(token) if token else None
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _component_types(component: dict | None) -> set[str]:
+    """The "type" names of a tokenizer.json component, looking inside Sequence components."""
+    if not component:
+        return set()
+    parts = component.get("pretokenizers") or component.get("decoders") or []
+    return {component.get("type", "")}.union(*(_component_types(p) for p in parts))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map of the 256 byte values to printable characters (byte-level BPE)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    extra = (b for b in range(256) if b not in printable)
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(extra)}}
+
+
+def _char_index_of_bytes(text: str) -> list[int]:
+    """For every UTF-8 byte offset 0..len(bytes) of `text`, the index of the character holding it."""
+    index = []
+    for i, ch in enumerate(text):
+        index += [i] * len(ch.encode())
+    return index + [len(text)]
 
 
 def _first_int(*values: int | None) -> int:

@@ -1,0 +1,273 @@
+"""cross_vocab.py on real tokenizer shapes: a Llama-2-style sentencepiece model and a Llama-3-style
+byte-level BPE, both trained here on GSM8K questions; and the cross-vocabulary loss."""
+import json
+
+import pytest
+import torch
+
+import cross_vocab
+import muscle
+import tokenizer
+
+EXTRA = ["Café naïve über 12,345 €5 — ok", "Line one\nline two\n\n  spaced   out"]
+
+
+def _texts(data_dir):
+    with open(data_dir / "gsm8k" / "train.jsonl") as f:
+        questions = [json.loads(line)["question"] for _, line in zip(range(2000), f)]
+    return questions + EXTRA * 3
+
+
+@pytest.fixture(scope="module")
+def sp(tmp_path_factory):
+    """Llama 2's kind: sentencepiece BPE with byte fallback and split digits, BOS added."""
+    import sentencepiece as spm
+
+    from conftest import DATA_DIR
+    d = tmp_path_factory.mktemp("sp")
+    (d / "corpus.txt").write_text("\n".join(_texts(DATA_DIR)))
+    spm.SentencePieceTrainer.train(
+        input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"), vocab_size=800,
+        model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, bos_id=1, eos_id=2, unk_id=0, minloglevel=2,
+        character_coverage=0.999)
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>"}))
+    return tokenizer.load_tokenizer_dir(d)
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    """Llama 3's kind: byte-level BPE, BOS declared by the post-processor, own special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from conftest import DATA_DIR
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_texts(DATA_DIR), trainers.BpeTrainer(
+        vocab_size=900, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])
+    d = tmp_path_factory.mktemp("bpe")
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
+    return tokenizer.load_tokenizer_dir(d)
+
+
+@pytest.fixture(autouse=True)
+def _needs_data(data_dir):
+    """Every test here trains its tokenizers on the shared GSM8K questions."""
+
+
+def _pieces(tok, text):
+    ids, _ = tok.encode_with_offsets(text)
+    surfaces = tok.surfaces()
+    return [surfaces[i] if surfaces[i] is not None else "BOS" for i in ids]
+
+
+# ------------------------------------------------------------------------------ hand-worked cases
+
+# He has 12 apples.  sp:  BOS | ▁He | ▁has | ▁ | 1 | 2 | ▁apples | .      (split digits)
+#                    bpe: BOS | H | e | Ġhas | Ġ12 | Ġapples | .
+# Position t has read: sp 0, 2, 6, 7, 8, 9, 16, 17; bpe 0, 1, 2, 6, 9, 16, 17 (+ EOS: nothing).
+# bpe's "H" (read 1) has no sp partner, nor does EOS (it predicts nothing).
+APPLES = ("He has 12 apples.",
+          ["BOS", b" He", b" has", b" ", b"1", b"2", b" apples", b"."],
+          ["BOS", b"H", b"e", b" has", b" 12", b" apples", b"."],
+          [0, -1, 1, 2, 5, 6, 7, -1])
+# é is two bytes: sp spells it <0xC3> <0xA9> (the first with an empty span), bpe "Ã" "©" (both
+# spanning the character); € is three bytes. Positions inside a character align with nothing;
+# the two newlines and the space before € are tokens of their own in both.
+CAFE = ("Café 12 costs\n\n €5.",
+        ["BOS", b" C", b"a", b"f", b"\xc3", b"\xa9", b" ", b"1", b"2", b" costs", b"\n", b"\n", b" ",
+         b"\xe2", b"\x82", b"\xac", b"5", b"."],
+        ["BOS", b"C", b"a", b"f", b"\xc3", b"\xa9", b" 12", b" costs", b"\n", b"\n", b" ", b"\xe2",
+         b"\x82", b"\xac", b"5", b"."],
+        [0, 1, 2, 3, -1, 5, 8, 9, 10, 11, 12, -1, -1, 15, 16, 17, -1])
+
+
+@pytest.mark.parametrize("case", [APPLES, CAFE], ids=["digits", "non-ascii-newlines"])
+def test_alignment_matches_hand_worked_examples(sp, bpe, case):
+    text, sp_pieces, bpe_pieces, expected = case
+    assert _pieces(sp, text) == sp_pieces and _pieces(bpe, text) == bpe_pieces
+    new_ids = bpe.encode(text) + [bpe.eos_id]
+    old_ids, old_position = cross_vocab.encode_aligned(bpe, sp, text, new_ids, max_len=64)
+    assert old_ids == sp.encode(text) + [sp.eos_id]
+    assert old_position == expected
+
+
+def _prefixes(tok, ids, strip_dummy_space):
+    """Per position, the text its tokens spell (from the vocabulary's surfaces), or None when
+    it ends inside a character."""
+    surfaces, out, spelled = tok.surfaces(), [], b""
+    for t, i in enumerate(ids):
+        spelled += surfaces[i] if (t or i != tok.bos_id) and surfaces[i] is not None else b""
+        raw = spelled[1:] if strip_dummy_space and spelled.startswith(b" ") else spelled
+        try:
+            out.append(raw.decode())
+        except UnicodeDecodeError:
+            out.append(None)
+    return out
+
+
+def test_aligned_positions_have_read_the_same_text(sp, bpe, data_dir):
+    """On 200 real questions: a bpe position is aligned with an sp position exactly when both
+    spell the same text, found independently from the tokens' surfaces."""
+    aligned = total = 0
+    for text in _texts(data_dir)[:200]:
+        new_ids = bpe.encode(text) + [bpe.eos_id]
+        old_ids, old_position = cross_vocab.encode_aligned(bpe, sp, text, new_ids, max_len=512)
+        new_text = _prefixes(bpe, new_ids[:-1], False)
+        old_text = _prefixes(sp, old_ids[:-1], True)
+        expected = [old_text.index(p) if p is not None and p in old_text else -1 for p in new_text]
+        assert old_position[:-1] == expected, text
+        aligned += sum(p >= 0 for p in old_position[:-1])
+        total += len(new_ids) - 1
+    assert 0.99 < aligned / total < 1  # both split words at spaces: most boundaries agree
+
+
+def test_truncated_sequences_align_from_the_same_character(sp, bpe):
+    text = "Natalia sold 48 clips in April and half as many in May."
+    full = bpe.encode(text) + [bpe.eos_id]
+    cut = full[:1] + full[5:]  # BOS + what data.encode_pair keeps of a sequence 4 too long
+    old_ids, old_position = cross_vocab.encode_aligned(bpe, sp, text, cut, max_len=64)
+    assert old_ids[0] == sp.bos_id and len(old_position) == len(cut)
+    assert old_position[0] == -1  # BOS now precedes a cut text: it has read no prefix of it
+    _, old_full = cross_vocab.encode_aligned(bpe, sp, text, full, max_len=512)
+    shift = (len(sp.encode(text)) + 1) - len(old_ids)  # sp tokens dropped on the left
+    assert shift == 4  # N at al ia: the sp tokens before " sold", where the student's start
+    assert [p - shift if p >= 0 else -1 for p in old_full[5:]] == old_position[1:]
+    # max_len cuts M1's tokens on the left too: one more (" sold") goes, and what read it.
+    short_ids, short_position = cross_vocab.encode_aligned(bpe, sp, text, cut, max_len=len(cut))
+    assert short_ids == old_ids[:1] + old_ids[2:] and short_position[1] == -1
+    assert short_position[2:] == [p - 1 if p > 0 else -1 for p in old_position[2:]]
+
+
+# ------------------------------------------------------------------------------ vocabularies
+
+
+def test_vocab_map_matches_surfaces_and_bytes_one_to_one(sp, bpe):
+    mapping = cross_vocab.vocab_map(sp, bpe)
+    sp_s, bpe_s = sp.surfaces(), bpe.surfaces()
+    for i, j in enumerate(mapping.tolist()):
+        if j >= 0 and i not in (sp.bos_id, sp.eos_id):
+            assert sp_s[i] == bpe_s[j]
+    byte_pieces = [i for i in range(sp.vocab_size) if sp.backend.sp.is_byte(i)]
+    assert len(byte_pieces) == 256
+    assert sorted(bpe_s[mapping[i]][0] for i in byte_pieces) == list(range(256))
+    assert mapping[sp.eos_id] == bpe.eos_id and mapping[sp.bos_id] == bpe.bos_id
+    assert mapping[sp.encode("apples", add_bos=False)[0]] == bpe.backend.token_id("Ġapples")
+    unmapped = [i for i in range(sp.vocab_size) if mapping[i] < 0]
+    assert unmapped[0] == 0  # <unk> spells nothing
+    assert not {sp_s[i] for i in unmapped[1:]} & set(bpe_s)  # the rest: no bpe token spells them
+    assert len(unmapped) < 0.01 * sp.vocab_size  # (" John", "ses", ...)
+
+
+def test_model_vocab_map_pads_and_marks_new_only_ids(sp, bpe):
+    vmap = cross_vocab.model_vocab_map(sp, bpe, old_vocab=sp.vocab_size + 4,
+                                       new_vocab=bpe.vocab_size + 6)
+    assert vmap.old_to_new.shape == (sp.vocab_size + 4,) and (vmap.old_to_new[-4:] == -1).all()
+    reached = set(vmap.old_to_new[vmap.old_to_new >= 0].tolist())
+    new_only = set(vmap.new_only.nonzero().squeeze(-1).tolist())
+    assert not new_only & reached and not vmap.new_only[-6:].any()
+    assert bpe.backend.token_id("Ġ12") in new_only  # sp splits digits: no sp piece " 12"
+    assert len(reached) + len(new_only) == bpe.vocab_size - 2 + 2  # all but 2 specials + EOS/BOS
+
+
+def test_mapped_probabilities_sum_to_kept_mass_and_teachers_to_one():
+    # Old vocab of 4 -> new vocab of 5: old 0 -> 1, old 1 and 2 -> 3 (both spell it), old 3 unmapped.
+    mapping = torch.tensor([1, 3, 3, -1])
+    p_old = torch.tensor([[.1, .2, .3, .4], [.25, .25, .25, .25]], dtype=torch.float64)
+    mapped = cross_vocab.map_probs(p_old, mapping, 5)
+    assert mapped.tolist() == [[0, .1, 0, .5, 0], [0, .25, 0, .5, 0]]
+    new_only = torch.tensor([True, False, True, False, False])  # 4: special, never filled
+    p_new = torch.tensor([[.3, .1, .1, .1, .4], [.2, .2, .2, .2, .2]], dtype=torch.float64)
+    fill = cross_vocab.teacher_from_old(mapped, p_new, new_only, "fill")
+    # The 0.4 left over goes to new-only ids 0 and 2 in M2's proportions 3:1.
+    assert fill[0].tolist() == pytest.approx([.3, .1, .1, .5, 0])
+    assert fill[1].tolist() == pytest.approx([.125, .25, .125, .5, 0])
+    renorm = cross_vocab.teacher_from_old(mapped, p_new, new_only, "renorm")
+    assert renorm[0].tolist() == pytest.approx([0, 1 / 6, 0, 5 / 6, 0])
+    for t in (fill, renorm):
+        assert t.sum(-1).tolist() == pytest.approx([1, 1])
+
+
+# ------------------------------------------------------------------------------ the loss
+
+
+def _heads_and_states(seed, batch=2, length=6, hidden=5, vocab=7):
+    g = torch.Generator().manual_seed(seed)
+    heads = [torch.nn.Linear(hidden, vocab, dtype=torch.float64) for _ in range(3)]
+    for h in heads:
+        torch.nn.init.normal_(h.weight, generator=g)
+    hs = [torch.randn(batch, length, hidden, generator=g, dtype=torch.float64) for _ in range(3)]
+    labels = torch.randint(0, vocab, (batch, length), generator=g)
+    labels[1, 4:] = muscle.IGNORE_INDEX
+    return heads, hs, labels
+
+
+@pytest.mark.parametrize("mask", ["student_correct", "new_only", "token_likelihood"])
+@pytest.mark.parametrize("rule", cross_vocab.CHOICES)
+def test_one_vocabulary_seen_as_two_gives_the_paper_loss(mask, rule):
+    """Identity map, identity alignment: the cross loss equals muscle_loss_chunked, value and
+    gradient, for both rules (nothing is unmapped)."""
+    heads, (hs, ho, hn), labels = _heads_and_states(0)
+    vmap = cross_vocab.VocabMap(torch.arange(7), torch.zeros(7, dtype=torch.bool))
+    positions = torch.arange(6).expand(2, 6)
+    student = hs.clone().requires_grad_()
+    out = cross_vocab.muscle_loss_cross(student, ho, hn, heads, labels, positions, vmap, rule,
+                                        mask, ce_weight=0.3, chunk_size=4)
+    out.loss.backward()
+    ref_student = hs.clone().requires_grad_()
+    ref = muscle.muscle_loss_chunked(ref_student, ho, hn, heads, labels, mask, ce_weight=0.3,
+                                     chunk_size=4)
+    ref.loss.backward()
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-12)
+    assert torch.allclose(student.grad, ref_student.grad, rtol=1e-10, atol=1e-12)
+    assert (out.tokens, out.follow_old, out.aligned, out.unaligned) == (ref.tokens, ref.follow_old, 8, 0)
+    assert out.mapped_mass == pytest.approx(8.0)
+
+
+def test_unaligned_positions_follow_the_new_model_and_are_counted():
+    heads, (hs, ho, hn), labels = _heads_and_states(1)
+    vmap = cross_vocab.VocabMap(torch.arange(7), torch.zeros(7, dtype=torch.bool))
+    none = torch.full((2, 6), -1)
+    out = cross_vocab.muscle_loss_cross(hs, ho, hn, heads, labels, none, vmap)
+    control = muscle.muscle_loss_chunked(hs, ho, hn, heads, labels, "new_only")
+    wrong = muscle.muscle_loss_chunked(hs, ho, hn, heads, labels).follow_old
+    assert out.loss.item() == pytest.approx(control.loss.item(), rel=1e-12)
+    assert (out.follow_old, out.aligned, out.unaligned, out.mapped_mass) == (0, 0, wrong, 0.0)
+    assert wrong > 0
+
+
+def test_two_vocabularies_chunked_equals_one_chunk():
+    """Different widths (old 9, new 7), partial map and alignment: chunk size changes nothing."""
+    heads, (hs, _, hn), labels = _heads_and_states(2)
+    g = torch.Generator().manual_seed(3)
+    old_head = torch.nn.Linear(5, 9, dtype=torch.float64)
+    ho = torch.randn(2, 8, 5, generator=g, dtype=torch.float64)
+    vmap = cross_vocab.VocabMap(torch.tensor([0, 1, 2, -1, 3, 3, -1, 5, -1]),
+                                torch.tensor([False, False, False, False, True, False, True]))
+    positions = torch.tensor([[0, 2, -1, 3, 5, 7], [0, -1, 1, 2, 3, -1]])
+    grads, losses = [], []
+    for chunk in (3, 1000):
+        student = hs.clone().requires_grad_()
+        out = cross_vocab.muscle_loss_cross(student, ho, hn, (heads[0], old_head, heads[2]), labels,
+                                            positions, vmap, chunk_size=chunk)
+        out.loss.backward()
+        grads.append(student.grad)
+        losses.append(out)
+    assert losses[0].loss.item() == pytest.approx(losses[1].loss.item(), rel=1e-12)
+    assert torch.allclose(*grads) and losses[0][1:] == pytest.approx(losses[1][1:])
+    assert 0 < losses[0].mapped_mass < losses[0].aligned  # part of M1's mass is unmapped
+
+
+def test_sequence_masks_are_refused():
+    heads, (hs, ho, hn), labels = _heads_and_states(0)
+    vmap = cross_vocab.VocabMap(torch.arange(7), torch.zeros(7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="per-token mask"):
+        cross_vocab.muscle_loss_cross(hs, ho, hn, heads, labels, torch.zeros(2, 6, dtype=torch.long),
+                                      vmap, mask="instance_likelihood")
