@@ -36,6 +36,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from tqdm import tqdm
 
+import cli
 import data
 import files
 import lora
@@ -80,8 +81,8 @@ def encode_request(tokenizer: Any, context: str, continuation: str, add_bos: boo
         context_ids = [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
         targets = tokenizer.encode(continuation, add_bos=False)
     if not 0 < len(targets) <= max_length:
-        raise ValueError(f"continuation {continuation!r} after context {context!r} encodes to {len(targets)} "
-                         f"tokens; scoring needs 1 to max_length={max_length}")
+        raise ValueError(f"continuation {cli.short(continuation)} after context {cli.short(context)} encodes "
+                         f"to {len(targets)} tokens; scoring needs 1 to max_length={max_length}")
     whole = context_ids + targets
     return Request(whole[-(max_length + 1):][:-1], targets, truncated=len(whole) > max_length + 1)
 
@@ -266,6 +267,20 @@ def choice_record(item: Any, scores: Sequence[tuple[float, bool]]) -> dict[str, 
     }
 
 
+def encode_requests(tokenizer: Any, items: Sequence[Any], add_bos: bool = False,
+                    max_length: int = 2048) -> list[list[Request]]:
+    """The requests of every choice of every multiple-choice item; an item that cannot be
+    scored (a choice of no tokens, a continuation longer than the model) is named by its id."""
+    requests = []
+    for it in items:
+        try:
+            requests.append([encode_request(tokenizer, it.context, " " + c, add_bos, max_length)
+                             for c in it.choices])
+        except ValueError as e:
+            raise ValueError(f"item {it.id} cannot be scored: {e}") from None
+    return requests
+
+
 def score_choices(model: torch.nn.Module, tokenizer: Any, items: Sequence[Any], batch_size: int = 32,
                   add_bos: bool = False, fast: bool = True, max_length: int | None = None,
                   progress: bool = False) -> list[dict[str, Any]]:
@@ -274,8 +289,7 @@ def score_choices(model: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
     max_length defaults to the model's max_position_embeddings (the harness's max_length).
     """
     max_length = max_length or model.config.max_position_embeddings
-    requests = [[encode_request(tokenizer, it.context, " " + c, add_bos, max_length) for c in it.choices]
-                for it in items]
+    requests = encode_requests(tokenizer, items, add_bos, max_length)
     note_truncated(sum(any(r.truncated for r in reqs) for reqs in requests), len(items), "items", max_length)
     scores = score_requests(model, requests, batch_size, fast, progress)
     return [{"id": it.id, **choice_record(it, s)} for it, s in zip(items, scores)]
@@ -447,6 +461,18 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: str | data.Task, item
     return [{"id": r.pop("id"), "task": spec.name, **r} for r in records]
 
 
+def check_scorable(task: str | data.Task, items: Sequence[Any], tokenizer: Any, max_length: int,
+                   add_bos: bool = False) -> None:
+    """Raise the error `evaluate` would raise on these items, without a model: every choice
+    tokenises into a request (multiple choice), or the task's new tokens leave room for a prompt."""
+    spec = data.get_task(task)
+    if spec.kind == "multiple_choice":
+        encode_requests(tokenizer, items, add_bos, max_length)
+    elif spec.max_new_tokens >= max_length:
+        raise ValueError(f"task {spec.name} generates {spec.max_new_tokens} new tokens, which leaves no room "
+                         f"for a prompt in the model's context of {max_length} tokens")
+
+
 def summarize(task: str | data.Task, records: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Task metrics: the mean score under the task's metric name (acc, exact_match, rouge1), plus
     acc_norm for multiple choice and the flexible-extract exact match for GSM8K."""
@@ -481,10 +507,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", required=True, help=f"one of {data.task_names()}")
     p.add_argument("--data-dir", default=None, help="local task files (None: download the pinned hub copy)")
     p.add_argument("--split", default=None, help="split to evaluate (None: the task's evaluation split)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
-    p.add_argument("--batch-size", type=int, default=32,
+    p.add_argument("--limit", type=cli.LIMIT, default=None, help="evaluate only the first N items")
+    p.add_argument("--batch-size", type=cli.POSITIVE_INT, default=32,
                    help="choice sequences (multiple choice) or prompts (generation) per forward")
-    p.add_argument("--num-fewshot", type=int, default=0,
+    p.add_argument("--num-fewshot", type=cli.NON_NEGATIVE_INT, default=0,
                    help="harness few-shot examples from the train split (seed 1234)")
     p.add_argument("--add-bos", action="store_true",
                    help="prepend BOS to every request (harness >= v0.4.10); off = harness v0.4.3, as the paper")
@@ -492,7 +518,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="score each choice with its own forward (slow reference path, same numbers)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--device", default=None, help="None: cuda if available, else cpu")
+    p.add_argument("--device", type=cli.device, default=None, help="None: cuda if available, else cpu")
     p.add_argument("--out", default="predictions.jsonl", help="predictions file (JSON Lines)")
     return p.parse_args(argv)
 

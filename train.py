@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+import cli
 import data
 import distributed
 import eval as evaluation
@@ -152,6 +153,16 @@ def check_max_len(args: argparse.Namespace) -> None:
             raise ValueError(f"--max-len {args.max_len} is longer than the context of {flag} {name} "
                              f"(max_position_embeddings {context}); pass --max-len {context} or less "
                              f"(longer examples lose the start of their context)")
+
+
+def check_eval_data(args: argparse.Namespace) -> None:
+    """Stage 4's items are read and tokenised before stage 1, so a missing test file or an item
+    that cannot be scored stops the run before the training stages, not after them."""
+    spec = data.get_task(args.task)
+    items = data.load_task(args.task, spec.eval_split, args.data_dir)[:args.limit_eval]
+    for name in (args.old, args.new):
+        context = models.read_config(models.resolve(name)).get("max_position_embeddings") or 2048
+        evaluation.check_scorable(spec, items, models.load_tokenizer(name), context)
 
 
 def model_dtype(args: argparse.Namespace, env: Dist) -> torch.dtype:
@@ -393,8 +404,10 @@ def run(args: argparse.Namespace, env: Dist) -> None:
     out = Path(args.out or f"runs/{Path(args.old).name}-{Path(args.new).name}-{args.task}")
     check_same_vocab(args.old, args.new)
     check_max_len(args)
-    check_run_config(out, args, env)
     stages = [1, 2, 3, 4] if args.stage == "all" else [int(args.stage)]
+    if 4 in stages:
+        check_eval_data(args)
+    check_run_config(out, args, env)
     td = None
     for stage in stages:
         if (stage_dir(out, stage) / DONE).is_file():
@@ -409,6 +422,10 @@ def run(args: argparse.Namespace, env: Dist) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+# BOS, one answer token and EOS: a shorter sequence trains on no answer at all.
+MAX_LEN = cli.number(int, 3, hint=" (BOS, one answer token and EOS)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,34 +447,34 @@ def build_parser() -> argparse.ArgumentParser:
       help="1: task adapter on --old, 2: on --new, 3: compatibility adapter, 4: evaluation")
     a("--overwrite", action="store_true", help="delete a different run in --out and start over")
     g = p.add_argument_group("optimisation (paper appendix A.1)").add_argument
-    g("--epochs", type=int, default=10, help="passes over the 80%% training split")
-    g("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
-    g("--warmup-steps", type=int, default=500, help="linear warm-up, then cosine decay to 0")
-    g("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    g("--grad-accum", type=int, default=8, help="micro-batches per optimizer step")
-    g("--batch-size", type=int, default=8,
+    g("--epochs", type=cli.POSITIVE_INT, default=10, help="passes over the 80%% training split")
+    g("--lr", type=cli.POSITIVE_FLOAT, default=1e-4, help="AdamW peak learning rate")
+    g("--warmup-steps", type=cli.NON_NEGATIVE_INT, default=500, help="linear warm-up, then cosine decay to 0")
+    g("--weight-decay", type=cli.NON_NEGATIVE_FLOAT, default=0.0, help="AdamW weight decay")
+    g("--grad-accum", type=cli.POSITIVE_INT, default=8, help="micro-batches per optimizer step")
+    g("--batch-size", type=cli.POSITIVE_INT, default=8,
       help="sequences per micro-batch over all processes (split between ranks), so one "
            "optimizer step sees batch-size x grad-accum sequences on any number of GPUs")
-    g("--max-grad-norm", type=float, default=1.0, help="0 disables clipping (not in the paper)")
-    g("--seed", type=int, default=0, help="split, shuffling, LoRA initialisation, dropout")
-    g("--max-len", type=int, default=512, help="tokens per sequence; longer contexts are cut on the left")
+    g("--max-grad-norm", type=cli.NON_NEGATIVE_FLOAT, default=1.0, help="0 disables clipping (not in the paper)")
+    g("--seed", type=cli.NON_NEGATIVE_INT, default=0, help="split, shuffling, LoRA initialisation, dropout")
+    g("--max-len", type=MAX_LEN, default=512, help="tokens per sequence; longer contexts are cut on the left")
     g = p.add_argument_group("LoRA and MUSCLE (paper sections 4.1, 5)").add_argument
-    g("--rank", type=int, default=128, help="LoRA rank, on every linear layer of the blocks")
-    g("--alpha", type=float, default=256,
+    g("--rank", type=cli.POSITIVE_INT, default=128, help="LoRA rank, on every linear layer of the blocks")
+    g("--alpha", type=cli.POSITIVE_FLOAT, default=256,
       help="scaling alpha/rank = 2; the paper's printed 156 lost its label, 2 x rank is the usual choice")
-    g("--dropout", type=float, default=0.0, help="LoRA dropout")
+    g("--dropout", type=cli.number(float, 0, 1, high_open=True), default=0.0, help="LoRA dropout")
     g("--mask", default="student_correct", choices=sorted(muscle.MASKS),
       help="which teacher each token follows (muscle.MASKS; the paper's is student_correct)")
-    g("--temperature", type=float, default=2.0, help="KL temperature (the loss carries T^2)")
-    g("--ce-weight", type=float, default=0.0, help="weight of the auxiliary CE term (the paper's CE+)")
+    g("--temperature", type=cli.POSITIVE_FLOAT, default=2.0, help="KL temperature (the loss carries T^2)")
+    g("--ce-weight", type=cli.NON_NEGATIVE_FLOAT, default=0.0, help="weight of the auxiliary CE term (the paper's CE+)")
     g = p.add_argument_group("runs and resources").add_argument
-    g("--limit-train", type=int, default=None, help="use only the first N training items")
-    g("--limit-eval", type=int, default=None, help="evaluate only the first N test items")
-    g("--max-steps", type=int, default=None, help="stop each training stage after N optimizer steps")
-    g("--save-every", type=int, default=200, help="checkpoint every N steps (and each epoch); 0: epochs only")
-    g("--log-every", type=int, default=10, help="optimizer steps between log.jsonl records")
+    g("--limit-train", type=cli.number(int, 2, hint="; the 80/20 split needs 2 items or more, or leave the flag out"), default=None, help="use only the first N training items")
+    g("--limit-eval", type=cli.LIMIT, default=None, help="evaluate only the first N test items")
+    g("--max-steps", type=cli.number(int, 1, hint="; leave the flag out for no limit"), default=None, help="stop each training stage after N optimizer steps")
+    g("--save-every", type=cli.NON_NEGATIVE_INT, default=200, help="checkpoint every N steps (and each epoch); 0: epochs only")
+    g("--log-every", type=cli.POSITIVE_INT, default=10, help="optimizer steps between log.jsonl records")
     g("--grad-checkpointing", action="store_true", help="recompute transformer blocks in backward")
-    g("--chunk-size", type=int, default=CHUNK_SIZE,
+    g("--chunk-size", type=cli.POSITIVE_INT, default=CHUNK_SIZE,
       help="positions per chunk of logits in the losses (cross-entropy and MUSCLE)")
     g("--teacher-cache", default="off", choices=["off", "memory"],
       help="memory: keep both teachers' final hidden states of every training and validation "
@@ -467,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
            "~40 tokens; SAMSum's long dialogues need far more); single process only")
     g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
       help="base weights; auto: bf16 on GPU, fp32 on CPU (adapters always train in fp32)")
-    g("--eval-batch-size", type=int, default=8, help="items per forward in stage 4")
+    g("--eval-batch-size", type=cli.POSITIVE_INT, default=8, help="items per forward in stage 4")
     return p
 
 
