@@ -133,12 +133,18 @@ class LossSum(NamedTuple):
 
 def _aligned_loss(student: torch.Tensor, old: torch.Tensor, new: torch.Tensor,
                   labels: torch.Tensor, mask: str, temperature: float,
-                  ce_weight: float) -> LossSum:
-    """Summed masked KL (+ CE) over the positions of `labels` that are not IGNORE_INDEX."""
+                  ce_weight: float, old_valid: torch.Tensor | None = None) -> LossSum:
+    """Summed masked KL (+ CE) over the positions of `labels` that are not IGNORE_INDEX.
+    Where `old_valid` is False, M1 has no counterpart of the position (its tokenizer split the
+    text otherwise): M2's logits stand in for M1's, so every mask follows M2 there."""
     real = labels != IGNORE_INDEX
     student, old, new = upcast(student), upcast(old), upcast(new)
     with torch.no_grad():
+        if old_valid is not None:
+            old = torch.where(old_valid.unsqueeze(-1), old, new)
         follow_old = get_mask(mask)(student, old, new, labels) & real
+        if old_valid is not None:
+            follow_old &= old_valid
         teacher = torch.where(follow_old.unsqueeze(-1), old, new)
         teacher_logp = torch.log_softmax(teacher / temperature, dim=-1)
     per_token = distill_per_token(student, teacher_logp, labels, temperature, ce_weight)
@@ -168,15 +174,18 @@ def _shift(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def muscle_loss(student_logits: torch.Tensor, old_logits: torch.Tensor,
                 new_logits: torch.Tensor, labels: torch.Tensor, mask: str = "student_correct",
-                temperature: float = 2.0, ce_weight: float = 0.0) -> LossSum:
+                temperature: float = 2.0, ce_weight: float = 0.0,
+                old_valid: torch.Tensor | None = None) -> LossSum:
     """The MUSCLE loss on full logits [B, T, V] and labels [B, T] (= input ids, -100 = no loss).
 
     Gradients flow only into `student_logits`; the teachers' logits are treated as constants.
+    `old_valid` [B, T] (None: everywhere) says at which positions `old_logits` are M1's own.
     Returns the sum over real label tokens; divide by the global token count.
     """
     student, labels = _shift(student_logits, labels)
+    valid = None if old_valid is None else old_valid[:, :-1]
     return _aligned_loss(student, old_logits[:, :-1].detach(), new_logits[:, :-1].detach(),
-                         labels, mask, temperature, ce_weight)
+                         labels, mask, temperature, ce_weight, valid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +266,8 @@ def chunked_sum(chunk_loss: Callable[..., LossSum], inputs: Sequence[torch.Tenso
 def muscle_loss_chunked(h_student: torch.Tensor, h_old: torch.Tensor, h_new: torch.Tensor,
                         heads: Sequence[Head], labels: torch.Tensor,
                         mask: str = "student_correct", temperature: float = 2.0,
-                        ce_weight: float = 0.0, chunk_size: int = 1024) -> LossSum:
+                        ce_weight: float = 0.0, chunk_size: int = 1024,
+                        old_valid: torch.Tensor | None = None) -> LossSum:
     """`muscle_loss` from final hidden states [B, T, H] and the three lm_heads (student, old, new).
 
     Logits exist for one chunk of at most `chunk_size` positions at a time, their gradients
@@ -269,18 +279,20 @@ def muscle_loss_chunked(h_student: torch.Tensor, h_old: torch.Tensor, h_new: tor
     head_s, head_o, head_n = heads
     whole_rows = mask in SEQUENCE_MASKS
     h_student, labels = _shift(h_student, labels)
-    h_old, h_new = h_old[:, :-1].detach(), h_new[:, :-1].detach()
+    inputs = [h_student, h_old[:, :-1].detach(), h_new[:, :-1].detach()]
+    if old_valid is not None:
+        inputs.append(old_valid[:, :-1])
     if not whole_rows:  # positions of all rows in one dimension: [B*T, H]
-        h_student, h_old, h_new = (x.flatten(0, 1) for x in (h_student, h_old, h_new))
+        inputs = [x.flatten(0, 1) for x in inputs]
         labels = labels.flatten()
 
-    def chunk_loss(hs, ho, hn, y):
+    def chunk_loss(hs, ho, hn, *valid_and_labels):
+        *valid, y = valid_and_labels
         with torch.no_grad():
             zo, zn = head_o(ho), head_n(hn)
-        return _aligned_loss(head_s(hs), zo, zn, y, mask, temperature, ce_weight)
+        return _aligned_loss(head_s(hs), zo, zn, y, mask, temperature, ce_weight, *valid)
 
-    return chunked_sum(chunk_loss, (h_student, h_old, h_new), labels, whole_rows, chunk_size,
-                        trainable(head_s))
+    return chunked_sum(chunk_loss, inputs, labels, whole_rows, chunk_size, trainable(head_s))
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> LossSum:

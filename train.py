@@ -13,6 +13,9 @@ resumed from its checkpoint when it was interrupted:
   4. evaluation of M1, M2, Mc on the task's test split (eval.py) and the compatibility report
      (report.py), printed and written to --out/stage4_eval.
 
+Tokens: each stage reads its own model's tokens, and stage 3 lines up M1's positions with the
+student's where the two tokenizers give other ids (align.py; TOKENS_HELP below).
+
 Dropout: the models being trained run in train mode, so the checkpoint's own dropout applies as
 in Hugging Face training (Phi-2's resid_pdrop = 0.1; Llama has none) besides --dropout on the
 LoRA input; teachers and validation run in eval mode, without any.
@@ -30,11 +33,12 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+import align
 import cli
 import data
 import distributed
@@ -58,12 +62,14 @@ class Batches(Sequence):
     flags give the same global batches, and the same numbers, on any number of processes.
 
     `groups` hold indices into `examples`; each batch's "index" is its rows' example keys
-    (key_offset + index; -1 for a filler row), which the teacher cache is keyed by."""
+    (key_offset + index; -1 for a filler row), which the teacher cache is keyed by. With
+    `teacher` rows (M1's own tokens of the same examples, align.py), a batch also holds
+    M1's inputs and the alignment (align.collate)."""
 
     def __init__(self, examples: list[data.Example], groups: list[list[int]], pad_id: int, env: Dist,
-                 key_offset: int = 0):
+                 key_offset: int = 0, teacher: list[align.Row] | None = None, teacher_pad_id: int = 0):
         self.examples, self.groups, self.pad_id, self.env = examples, groups, pad_id, env
-        self.key_offset = key_offset
+        self.key_offset, self.teacher, self.teacher_pad_id = key_offset, teacher, teacher_pad_id
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -74,11 +80,15 @@ class Batches(Sequence):
         rows = self.groups[i][self.env.rank::self.env.world]
         examples = [self.examples[j] for j in rows]
         keys = [self.key_offset + j for j in rows]
+        teacher = [self.teacher[j] for j in rows] if self.teacher is not None else None
         if not rows:
             # A rank left without a row (a short last batch) runs one padding token without a
             # label: FSDP's collectives need every rank in every forward, and it adds 0 tokens.
             examples, keys = [([self.pad_id], [muscle.IGNORE_INDEX])], [-1]
+            teacher = [([self.teacher_pad_id], [align.NO_POSITION])] if teacher is not None else None
         batch = {**data.collate(examples, self.pad_id), "index": torch.tensor(keys)}
+        if teacher is not None:
+            batch.update(align.collate(teacher, self.teacher_pad_id, batch["input_ids"].shape[1]))
         return {k: v.to(self.env.device) for k, v in batch.items()}
 
 
@@ -87,6 +97,12 @@ class TaskData:
     train: list[data.Example]
     val: list[data.Example]
     pad_id: int
+    teacher: align.TeacherTokens | None = None  # stage 3: M1's tokens where they differ
+
+    def _batches(self, part: str, groups: list[list[int]], env: Dist, key_offset: int) -> Batches:
+        teacher = getattr(self.teacher, part) if self.teacher is not None else None
+        pad = self.teacher.pad_id if self.teacher is not None else 0
+        return Batches(getattr(self, part), groups, self.pad_id, env, key_offset, teacher, pad)
 
     def train_batches(self, batch_size: int, seed: int, env: Dist) -> Callable[[int], Batches]:
         """Epoch -> its micro-batches, shuffled with a seed derived from (seed, epoch)."""
@@ -96,28 +112,37 @@ class TaskData:
 
         def epoch_batches(epoch: int) -> Batches:
             groups = data.batches(keyed, batch_size, seed=seed * 1000 + epoch)
-            return Batches(self.train, [[i for _, i in g] for g in groups], self.pad_id, env)
+            return self._batches("train", [[i for _, i in g] for g in groups], env, 0)
         return epoch_batches
 
     def val_batches(self, batch_size: int, env: Dist) -> Batches:
         """Validation examples in order; their keys follow the training examples' keys."""
         order = list(range(len(self.val)))
         groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-        return Batches(self.val, groups, self.pad_id, env, key_offset=len(self.train))
+        return self._batches("val", groups, env, len(self.train))
 
 
-def task_data(args: argparse.Namespace, tokenizer: Any, env: Dist) -> TaskData:
+def task_data(args: argparse.Namespace, stage: int, env: Dist) -> TaskData:
     """The paper's seeded 80/20 train/validation split of the task's training set, tokenised
-    (loss on context and answer, appendix A.1; long contexts truncated from the left)."""
+    (loss on context and answer, appendix A.1; long contexts truncated from the left) by the
+    stage's own model: --old's tokenizer for stage 1, the student's (--new's) for stages 2 and
+    3. Stage 3 also holds M1's own tokens of the same examples where they differ (align.py)."""
     items = data.load_task(args.task, "train", args.data_dir)[:args.limit_train]
-    train_items, val_items = data.split_train_val(items, seed=args.seed, frac=0.8)
-    encoded = [data.encode_pairs(tokenizer, [data.training_pair(args.task, it) for it in part],
-                                 args.max_len) for part in (train_items, val_items)]
+    pairs = [[data.training_pair(args.task, it) for it in part]
+             for part in data.split_train_val(items, seed=args.seed, frac=0.8)]
+    tokenizer = models.load_tokenizer(args.old if stage == 1 else args.new)
+    encoded = [data.encode_pairs(tokenizer, part, args.max_len) for part in pairs]
     truncated = encoded[0][1] + encoded[1][1]
     if truncated and env.main:
         print(f"note: {truncated} of {len(items)} training sequences were longer than --max-len "
               f"{args.max_len} and lost the start of their context")
-    return TaskData(encoded[0][0], encoded[1][0], tokenizer.pad_id)
+    examples = [part for part, _ in encoded]
+    teacher = None
+    if stage == 3:
+        old_tokenizer = models.load_tokenizer(args.old)
+        old_examples = [data.encode_pairs(old_tokenizer, part, args.max_len)[0] for part in pairs]
+        teacher = align.teacher_tokens(examples, old_examples, old_tokenizer.pad_id)
+    return TaskData(examples[0], examples[1], tokenizer.pad_id, teacher)
 
 
 # ============================================================================ models
@@ -222,7 +247,7 @@ def muscle_loss(student: nn.Module, old: nn.Module, args: argparse.Namespace,
 
         def teachers() -> tuple[torch.Tensor, torch.Tensor]:
             with torch.no_grad():
-                h_old = old.hidden_states(ids, mask)
+                h_old = align.teacher_hidden_states(old, b)
             with teacher_mode(student, "task"):
                 h_new = student.hidden_states(ids, mask)
             return h_old, h_new
@@ -232,7 +257,7 @@ def muscle_loss(student: nn.Module, old: nn.Module, args: argparse.Namespace,
         heads = (student.lm_head, old.lm_head, student.lm_head)
         return muscle.muscle_loss_chunked(h, h_old, h_new, heads, b["labels"], mask=args.mask,
                                           temperature=args.temperature, ce_weight=args.ce_weight,
-                                          chunk_size=args.chunk_size)
+                                          chunk_size=args.chunk_size, old_valid=align.has_counterpart(b))
     return loss
 
 
@@ -408,14 +433,12 @@ def run(args: argparse.Namespace, env: Dist) -> None:
     if 4 in stages:
         check_eval_data(args)
     check_run_config(out, args, env)
-    td = None
     for stage in stages:
         if (stage_dir(out, stage) / DONE).is_file():
             if env.main:
                 print(f"stage {stage}: done ({stage_dir(out, stage)}), skipped")
             continue
-        if stage < 4 and td is None:
-            td = task_data(args, models.load_tokenizer(args.new), env)
+        td = task_data(args, stage, env) if stage < 4 else None
         summary = (stage_task(args, env, out, stage, td) if stage < 3 else
                    stage_compat(args, env, out, td) if stage == 3 else stage_eval(args, env, out))
         mark_done(out, stage, summary, env)
@@ -427,13 +450,21 @@ def run(args: argparse.Namespace, env: Dist) -> None:
 # BOS, one answer token and EOS: a shorter sequence trains on no answer at all.
 MAX_LEN = cli.number(int, 3, hint=" (BOS, one answer token and EOS)")
 
+TOKENS_HELP = (
+    "Tokens: stage 1 reads --old's tokenizer, stages 2 and 3 --new's (the student's), stage 4 "
+    "scores each model with its own. Where --old's tokenizer gives other ids for a training "
+    "text (a BOS only one of them adds, another split), stage 3 feeds M1 its own ids and "
+    "compares each student position with the M1 position that predicts the same token "
+    "(longest matching blocks of the two id sequences); a student position without one (the "
+    "first token after a BOS that only --new adds) follows M2.")
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Every hyper-parameter is a flag with the paper's default, shown by --help."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="@FILE reads flags from FILE (e.g. configs/toy-mc.args; '#' starts "
-                                       "a comment); flags after it override the file's.",
+                                       "a comment); flags after it override the file's. " + TOKENS_HELP,
                                 fromfile_prefix_chars="@")
     # A flags file holds several flags per line, with comments (argparse's default is one per line).
     p.convert_arg_line_to_args = lambda line: line.split("#", 1)[0].split()
