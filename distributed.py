@@ -22,12 +22,14 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass(frozen=True)
 class Dist:
-    """Where this process stands: rank, world size, its device, and whether models get sharded."""
+    """Where this process stands: rank, world size, its device, whether models get sharded, and
+    its rank on this machine (local rank 0 downloads for the machine)."""
 
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
     shard: bool = False
+    local_rank: int = 0
 
     @property
     def main(self) -> bool:
@@ -53,7 +55,7 @@ def setup(timeout_s: float = 600.0) -> Dist:
     dist.init_process_group("nccl" if cuda else "gloo",
                             timeout=datetime.timedelta(seconds=timeout_s))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return Dist(dist.get_rank(), dist.get_world_size(), device, shard=True)
+    return Dist(dist.get_rank(), dist.get_world_size(), device, shard=True, local_rank=local_rank)
 
 
 def teardown() -> None:
@@ -68,6 +70,16 @@ def all_reduce_sum(values: list[float], env: Dist) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=env.device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def first_message(message: str | None, env: Dist) -> str | None:
+    """The first rank's message that is not None (in rank order), on every rank: a collective,
+    so a failure on one rank ends every rank with the same words instead of a hang."""
+    if env.world == 1:
+        return message
+    messages: list[str | None] = [None] * env.world
+    dist.all_gather_object(messages, message)
+    return next((m for m in messages if m is not None), None)
 
 
 def barrier(env: Dist) -> None:

@@ -170,17 +170,18 @@ def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
     return tok
 
 
-def resolve(name_or_path: str | Path) -> Path:
+def resolve(name_or_path: str | Path, local_only: bool = False) -> Path:
     """A local directory, a registry name, a hub repo id (org/name) or a toy model name -> a local
-    checkpoint dir (downloaded or built on first use)."""
+    checkpoint dir (downloaded or built on first use). `local_only`: a hub repo must already be in
+    the Hugging Face cache (another process of this machine downloaded it); no network."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     name = str(name_or_path)
     if name in REGISTRY:
-        return download(REGISTRY[name])
+        return download(REGISTRY[name], local_only)
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        return download(name)
+        return download(name, local_only)
     toy_models = _toy_models()
     if name in toy_models:
         return Path(toy_models[name](name))
@@ -207,19 +208,35 @@ SAFETENSORS_FILES = ["model*.safetensors", "model.safetensors.index.json"]
 BIN_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
 
-def download(repo_id: str) -> Path:
+# (Hugging Face cache dir, repo id) -> snapshot dir: the hub is asked once per process and repo.
+_SNAPSHOTS: dict[tuple[str, str], Path] = {}
+
+
+def download(repo_id: str, local_only: bool = False) -> Path:
     """Download config, tokenizer and weights of a hub repo into the HF cache; return the snapshot dir.
 
     Weights are safetensors when the repo has them, else `.bin` (e.g. lmsys/vicuna-7b-v1.3), never
-    both; other files (flax/tf weights, Meta's original/ folder) are not fetched.
+    both; other files (flax/tf weights, Meta's original/ folder) are not fetched. The answer is
+    kept for the process, so the later loads of a run do not query the hub again.
+    `local_only`: read the cache only (huggingface_hub's local_files_only).
     """
+    from huggingface_hub import constants
+
+    key = (str(constants.HF_HUB_CACHE), repo_id)
+    if key not in _SNAPSHOTS:
+        _SNAPSHOTS[key] = _snapshot(repo_id, local_only)
+    return _SNAPSHOTS[key]
+
+
+def _snapshot(repo_id: str, local_only: bool) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        path = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES + SAFETENSORS_FILES))
+        path = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES + SAFETENSORS_FILES,
+                                      local_files_only=local_only))
         if not any(path.glob("model*.safetensors")):
-            path = Path(snapshot_download(repo_id, allow_patterns=BIN_FILES))
+            path = Path(snapshot_download(repo_id, allow_patterns=BIN_FILES, local_files_only=local_only))
     except GatedRepoError as e:
         raise PermissionError(_login_help(repo_id, "is gated")) from e
     except RepositoryNotFoundError as e:

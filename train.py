@@ -148,6 +148,31 @@ def task_data(args: argparse.Namespace, stage: int, env: Dist) -> TaskData:
 # ============================================================================ models
 
 
+class FetchFailed(OSError):
+    """Another process could not fetch --old or --new; the message is its error."""
+
+
+def fetch_models(args: argparse.Namespace, env: Dist) -> None:
+    """Resolve --old and --new (checkpoint and tokenizer files: downloaded, or a toy model built)
+    once per machine: local rank 0 first while the other ranks wait, then they read the files it
+    fetched from the cache, without the network. If it fails, every rank ends with its message."""
+    failure, message = None, None
+    if env.local_rank == 0:
+        try:
+            for name in (args.old, args.new):
+                models.resolve(name)
+        except Exception as e:  # any failure: the waiting ranks get its message, this rank raises it
+            failure, message = e, str(e)
+    message = distributed.first_message(message, env)
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise FetchFailed(message)
+    if env.local_rank != 0:
+        for name in (args.old, args.new):
+            models.resolve(name, local_only=True)
+
+
 def check_same_vocab(old: str, new: str) -> None:
     """MUSCLE compares the two models' distributions token by token (paper eq. 1), so both must
     share one vocabulary: the same piece under every id, special and added tokens included,
@@ -427,6 +452,7 @@ def check_run_config(out: Path, args: argparse.Namespace, env: Dist) -> None:
 
 def run(args: argparse.Namespace, env: Dist) -> None:
     out = Path(args.out or f"runs/{Path(args.old).name}-{Path(args.new).name}-{args.task}")
+    fetch_models(args, env)
     check_same_vocab(args.old, args.new)
     check_max_len(args)
     stages = [1, 2, 3, 4] if args.stage == "all" else [int(args.stage)]

@@ -1,8 +1,10 @@
-"""torchrun on CPU (gloo, FSDP2): two processes equal one, and one failing rank stops them all."""
+"""torchrun on CPU (gloo, FSDP2): two processes equal one, one failing rank stops them all, and a
+machine downloads each model once."""
 import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +77,71 @@ sys.exit(train.main(sys.argv[1:]))
     assert "rank 1 failed on purpose" in done.stderr
     assert time.monotonic() - start < 60
     assert not (tmp_path / "run" / train.STAGES[1] / "DONE").exists()
+
+
+# ------------------------------------------------------------------ one download per machine
+
+RECORD_FETCHES = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import huggingface_hub, train
+real = huggingface_hub.snapshot_download
+def recording(repo_id, **kw):
+    with open({log!r}, "a") as f:
+        f.write(json.dumps([int(os.environ["RANK"]), repo_id, kw.get("local_files_only", False)]) + "\\n")
+    return real(repo_id, **kw)
+huggingface_hub.snapshot_download = recording
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def torchrun_on_fake_hub(hub, tmp_path, flags):
+    """torchrun, 2 processes, with huggingface_hub pointed at `hub` (empty cache, no token) and
+    every snapshot_download call recorded as (rank, repo id, local_files_only)."""
+    log = tmp_path / "fetches.jsonl"
+    script = tmp_path / "record_fetches.py"
+    script.write_text(RECORD_FETCHES.format(root=str(ROOT), log=str(log)))
+    env = {k: v for k, v in ONE_THREAD.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(script), *flags]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    calls = [tuple(json.loads(line)) for line in log.read_text().splitlines()] if log.is_file() else []
+    return done, calls
+
+
+@pytest.mark.slow  # ~15 s: torchrun start-up and a step of stage 1
+def test_local_rank_0_downloads_once_and_the_other_rank_reads_its_files(tiny_models, data_dir, tmp_path):
+    from fake_hub import FakeHub
+
+    with FakeHub() as hub:
+        hub.add_repo("org/v1", tiny_models[0])
+        hub.add_repo("org/v2", tiny_models[1])
+        flags = tiny_flags("org/v1", "org/v2", data_dir, tmp_path / "run", "--stage", "1",
+                           "--max-steps", "1")
+        done, calls = torchrun_on_fake_hub(hub, tmp_path, flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Each rank asks once per repo (later loads reuse the answer); rank 1 reads the cache only.
+    assert sorted(calls) == [(0, "org/v1", False), (0, "org/v2", False),
+                             (1, "org/v1", True), (1, "org/v2", True)]
+    assert sorted(hub.downloads) == sorted({(repo, f) for repo, f in hub.downloads})  # no file twice
+    for repo, directory in (("org/v1", tiny_models[0]), ("org/v2", tiny_models[1])):
+        assert hub.fetched(repo) == {p.name for p in Path(directory).iterdir()}
+
+
+@pytest.mark.slow  # ~10 s: torchrun start-up
+def test_a_failed_download_ends_every_rank_with_the_same_line(tiny_models, data_dir, tmp_path):
+    from fake_hub import FakeHub
+
+    with FakeHub() as hub:
+        hub.add_repo("org/v1", tiny_models[0])
+        hub.add_repo("org/v2", tiny_models[1], gated_status=403)
+        done, calls = torchrun_on_fake_hub(hub, tmp_path, tiny_flags("org/v1", "org/v2", data_dir,
+                                                                     tmp_path / "run"))
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and len(set(errors)) == 1, done.stderr[-3000:]
+    assert "hub repo 'org/v2' is gated" in errors[0] and "hf auth login" in errors[0]
+    assert "models.py" not in done.stderr  # no rank's traceback (torchrun prints its own summary)
+    assert {rank for rank, _, _ in calls} == {0}  # rank 1 waited, and never asked the hub
+    assert not (tmp_path / "run").exists()
