@@ -37,13 +37,22 @@ class Dist:
         return self.rank == 0
 
 
-def setup(timeout_s: float = 600.0) -> Dist:
-    """Initialise the process group under torchrun (RANK in the environment), else a single process.
+def use_cuda(device: str) -> bool:
+    """--device: "auto" takes CUDA when torch sees a GPU; "cuda" insists on one; "cpu" never."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is "
+                         "False): install the CUDA build of torch (README, Set-up) or pass --device cpu")
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+def setup(device: str = "auto", timeout_s: float = 600.0) -> Dist:
+    """Initialise the process group under torchrun (RANK in the environment), else a single process,
+    on the device `device` names (see use_cuda).
 
     The timeout bounds how long a rank waits in a collective for a peer that died: torchrun then
-    tears the group down instead of hanging (issue 9).
+    tears the group down instead of hanging.
     """
-    cuda = torch.cuda.is_available()
+    cuda = use_cuda(device)
     if "RANK" not in os.environ:
         if cuda:  # FSDP (for bf16 base + fp32 LoRA) needs a process group, here of one process
             dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)

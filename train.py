@@ -422,7 +422,7 @@ def stage_eval(args: argparse.Namespace, env: Dist, out: Path) -> dict:
 # ============================================================================ run and CLI
 
 # Flags that do not change what a run computes; every other flag must match to resume a run.
-NOT_CONFIG = {"out", "overwrite", "stage", "save_every", "log_every", "grad_checkpointing",
+NOT_CONFIG = {"out", "overwrite", "stage", "device", "save_every", "log_every", "grad_checkpointing",
               "data_dir", "eval_batch_size", "chunk_size", "teacher_cache"}
 RUN_CONFIG = "run_config.json"
 
@@ -542,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
       help="base weights; auto: bf16 on GPU, fp32 on CPU (adapters always train in fp32)")
     g("--eval-batch-size", type=cli.POSITIVE_INT, default=8, help="items per forward in stage 4")
+    g("--device", default="auto", choices=["auto", "cuda", "cpu"],
+      help="auto: CUDA when torch sees a GPU (NCCL under torchrun), else the CPU (gloo)")
     return p
 
 
@@ -551,9 +553,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    env = distributed.setup()
     try:
-        run(args, env)
+        run(args, distributed.setup(args.device))
         return 0
     except evaluation.USER_ERRORS as e:  # a wrong input: the message says what to fix
         print(f"error: {e}", file=sys.stderr)

@@ -290,6 +290,9 @@ def test_user_errors_exit_2_with_one_line(tiny_models, data_dir, tmp_path, capsy
     err = capsys.readouterr().err
     assert "stage1_task_old is not complete: run --stage 1 (or --stage all)" in err
     assert "Traceback" not in err
+    if not torch.cuda.is_available():
+        assert train.main(tiny_flags(*tiny_models, data_dir, out, "--device", "cuda")) == 2
+        assert "error: --device cuda, but torch sees no CUDA device" in capsys.readouterr().err
 
 
 def test_help_shows_every_default():
@@ -297,7 +300,7 @@ def test_help_shows_every_default():
     options = [a for a in parser._actions if a.dest != "help"]
     assert all(a.help for a in options)  # ArgumentDefaultsHelpFormatter shows defaults only then
     text = " ".join(parser.format_help().split())
-    assert text.count("(default: ") == len(options) == 32
+    assert text.count("(default: ") == len(options) == 33
     for flag, default in [("--epochs EPOCHS", "10"), ("--lr LR", "0.0001"), ("--rank RANK", "128"),
                           ("--warmup-steps WARMUP_STEPS", "500"), ("--alpha ALPHA", "256"),
                           ("--temperature TEMPERATURE", "2.0"), ("--grad-accum GRAD_ACCUM", "8")]:
