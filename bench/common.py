@@ -141,14 +141,14 @@ def machine() -> str:
             f"(the machine is shared: other processes slow both sides alike, see the interleaving)")
 
 
-def write_section(key: str, title: str, body: str) -> None:
-    """Replace (or append) the section `key` of bench/RESULTS.md, leaving the others."""
+def write_section(key: str, title: str, body: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the section `key` of `path` (bench/RESULTS.md), leaving the others."""
     start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
     section = f"{start}\n## {title}\n\n_{machine()}_\n\n{body.strip()}\n{end}"
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\nWritten by the scripts in bench/.\n"
+    text = path.read_text() if path.is_file() else "# Benchmark results\n\nWritten by the scripts in bench/.\n"
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    RESULTS.write_text(text.rstrip() + "\n")
+    path.write_text(text.rstrip() + "\n")
     print(section)
 
 

@@ -140,7 +140,7 @@ def model_flops_per_token(cfg: dict, n_params: int, seq: int, forwards: int) -> 
     return 2 * n_params * (forwards + 1) + (forwards + 2) * attention
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shape", default="7b", choices=sorted(SHAPES))
@@ -152,13 +152,12 @@ def main() -> None:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--step", default="compat", choices=["compat", "task"])
     p.add_argument("--stack", default="ours", choices=["ours", "peft"], help="--step task only")
-    args = p.parse_args()
-    if args.stack == "peft" and args.step != "task":
-        p.error("--stack peft times the task step only (PEFT has no MUSCLE loss): add --step task")
+    return p
 
-    env = distributed.setup()
+
+def measure(args: argparse.Namespace, env: distributed.Dist, peak_tflops: float) -> dict:
+    """Time `args.steps` optimizer steps after two warm-up steps: tokens/s, peak memory, MFU."""
     dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
-    peak_tflops = matmul_tflops(env.device, dtype)
     if args.step == "compat":
         student, old, params, cfg = build(args, env, dtype)
         loss_fn = train.muscle_loss(student, old, argparse.Namespace(
@@ -184,7 +183,7 @@ def main() -> None:
     tokens_per_s = args.batch_size * args.seq_len / seconds
     forwards = 3 if args.step == "compat" else 1
     achieved = tokens_per_s * model_flops_per_token(cfg, n_params, args.seq_len, forwards) / 1e12
-    result = {
+    return {
         "device": torch.cuda.get_device_name() if env.device.type == "cuda" else "cpu",
         "step": args.step, "stack": args.stack, "shape": args.shape, "params_base": n_params, "trainable": sum(p.numel() for p in params.values()),
         "batch": args.batch_size, "seq_len": args.seq_len, "grad_checkpointing": args.grad_checkpointing,
@@ -194,6 +193,16 @@ def main() -> None:
         "model_tflops": round(achieved, 2), "matmul_tflops": round(peak_tflops, 2),
         "mfu": round(achieved / peak_tflops, 4),
     }
+
+
+def main() -> None:
+    p = parser()
+    args = p.parse_args()
+    if args.stack == "peft" and args.step != "task":
+        p.error("--stack peft times the task step only (PEFT has no MUSCLE loss): add --step task")
+    env = distributed.setup()
+    dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
+    result = measure(args, env, matmul_tflops(env.device, dtype))
     print(json.dumps(result))
     if env.main and env.device.type == "cuda":
         record(result)

@@ -1,0 +1,300 @@
+"""GPU self-check: bf16 forward passes, LoRA and MUSCLE steps against transformers + PEFT, and the
+whole toy pipeline under torchrun; the figures go into bench/RESULTS.md with the card's name.
+
+    bash bench/gpu_check.sh              # one CUDA GPU, the CUDA build of torch; at most 10 minutes
+    bash bench/gpu_check.sh --dry-run    # every part on the CPU on tiny shapes (the test suite)
+
+Parts, each passing or failing on its own (the exit status is 1 when one fails, and the last line
+names it; what finished is written after each part, so a stopped run keeps it):
+- forward: llama.py and phi.py in bf16 against fp32 on the same random weights (max |logit error|
+  and top-1 agreement on random token ids), next to transformers in bf16 against the same
+  reference; a right-padded batch through SDPA's causal path (FlashAttention on GPU) next to the
+  masked path. Fails when ours is further from fp32 than transformers is (top-1 agreement lower
+  by more than TOP1_SLACK, max error above ERROR_SLACK times transformers' + ERROR_FLOOR), when
+  the causal path is further from fp32 than the masked path by as much, or when fp32 logits
+  differ from transformers' fp32 by more than FP32_PARITY.
+- steps: bench/gpu_train.py's `measure` on TinyLlama-1.1B's shape, batch 4 x 512, bf16 base:
+  a LoRA task step, ours and transformers + PEFT, and a MUSCLE compatibility step (ours):
+  tokens/s, peak memory and MFU against a bf16 matmul rate measured first on the same card.
+  Fails on an error or a non-finite loss.
+- pipeline: `torchrun --nproc_per_node 1 train.py @configs/toy-mc.args --device cuda` in a fresh
+  --out; fails unless it exits 0 with the compatibility report.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from bench import common, gpu_train
+
+TOP1_SLACK, ERROR_SLACK, ERROR_FLOOR, FP32_PARITY = 0.01, 1.5, 1e-2, 1e-3
+
+# Random checkpoints for the forward part (HF config.json fields). A larger initializer range than
+# the default 0.02 spreads the logits, so top-1 agreement is not decided by near-ties.
+FORWARD = {
+    "gpu": {"llama": dict(model_type="llama", vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                          num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=8),
+            "phi": dict(model_type="phi", vocab_size=51200, hidden_size=1024, intermediate_size=4096,
+                        num_hidden_layers=8, num_attention_heads=16, partial_rotary_factor=0.4)},
+    "dry": {"llama": dict(model_type="llama", vocab_size=160, hidden_size=64, intermediate_size=96,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+            "phi": dict(model_type="phi", vocab_size=160, hidden_size=64, intermediate_size=96,
+                        num_hidden_layers=2, num_attention_heads=4, partial_rotary_factor=0.5)},
+}
+FORWARD_BATCH = {"gpu": (4, 256), "dry": (4, 16)}
+STEP_FLAGS = {"gpu": ["--shape", "1b", "--batch-size", "4", "--seq-len", "512", "--steps", "5"],
+              "dry": ["--shape", "tiny", "--batch-size", "2", "--seq-len", "16", "--steps", "1"]}
+STEPS = [("task", "ours"), ("task", "peft"), ("compat", "ours")]
+PIPELINE_TIMEOUT_S = {"gpu": 420, "dry": 180}
+# The dry run shrinks the toy pipeline as the suite's end-to-end test does.
+DRY_PIPELINE_FLAGS = ["--epochs", "1", "--limit-train", "40", "--limit-eval", "30", "--rank", "2"]
+
+
+class CheckFailed(Exception):
+    """A part ran but its numbers are out of bounds; the message says which and by how much."""
+
+
+# ------------------------------------------------------------------------------------ forward
+def compare(logits: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Max |logit difference| and the fraction of positions with the same argmax."""
+    logits, reference = logits.float(), reference.float()
+    return {"max_err": (logits - reference).abs().max().item(),
+            "top1": (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()}
+
+
+def right_padded(ids: torch.Tensor) -> torch.Tensor:
+    """A right-padding mask for `ids`: rows of full, 3/4, 1/2 and 1/4 length."""
+    batch, t = ids.shape
+    lengths = [max(1, t * (4 - i % 4) // 4) for i in range(batch)]
+    return (torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]).long().to(ids.device)
+
+
+@torch.no_grad()
+def padded_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Logits at the real positions of a right-padded batch, by SDPA's causal path or the mask."""
+    import llama
+
+    real = llama.is_right_padded
+    llama.is_right_padded = real if causal else (lambda m: False)
+    try:
+        return model(ids, attention_mask=mask)[mask.bool()]
+    finally:
+        llama.is_right_padded = real
+
+
+@torch.no_grad()
+def forward_family(family: str, size: str, device: torch.device) -> list[list]:
+    """Rows of the forward table for one family; raises CheckFailed when a bound is broken."""
+    import models
+
+    batch, seq = FORWARD_BATCH[size]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = common.save_random_hf_checkpoint({**FORWARD[size][family], "initializer_range": 0.05}, Path(tmp))
+        ours = {dt: models.load_model(path, dtype=dt, device=device) for dt in (torch.float32, torch.bfloat16)}
+        theirs = {dt: common.load_reference(path, dt).to(device) for dt in (torch.float32, torch.bfloat16)}
+    vocab = FORWARD[size][family]["vocab_size"]
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    ref = ours[torch.float32](ids)
+    mask = right_padded(ids)
+    padded_ref = padded_logits(ours[torch.float32], ids, mask, causal=False)
+    r = {"ours bf16 vs ours fp32": compare(ours[torch.bfloat16](ids), ref),
+         "transformers bf16 vs ours fp32": compare(theirs[torch.bfloat16](ids).logits, ref),
+         "ours bf16 vs transformers bf16": compare(ours[torch.bfloat16](ids), theirs[torch.bfloat16](ids).logits),
+         "ours fp32 vs transformers fp32": compare(ref, theirs[torch.float32](ids).logits),
+         "right-padded bf16, causal path vs fp32": compare(padded_logits(ours[torch.bfloat16], ids, mask, True), padded_ref),
+         "right-padded bf16, masked path vs fp32": compare(padded_logits(ours[torch.bfloat16], ids, mask, False), padded_ref)}
+    rows = [[family, name, f"{v['max_err']:.3g}", f"{v['top1']:.4f}"] for name, v in r.items()]
+    problems = [p for p in (
+        no_worse(r["ours bf16 vs ours fp32"], r["transformers bf16 vs ours fp32"], "ours bf16", "transformers bf16"),
+        no_worse(r["right-padded bf16, causal path vs fp32"], r["right-padded bf16, masked path vs fp32"],
+                 "the causal path", "the masked path"),
+        None if r["ours fp32 vs transformers fp32"]["max_err"] <= FP32_PARITY else
+        f"fp32 logits differ from transformers' by {r['ours fp32 vs transformers fp32']['max_err']:.3g} > {FP32_PARITY}",
+    ) if p]
+    if problems:
+        raise CheckFailed(f"{family}: " + "; ".join(problems), rows)
+    return rows
+
+
+def no_worse(ours: dict[str, float], reference: dict[str, float], name: str, ref_name: str) -> str | None:
+    """None when `ours` is as close to fp32 as `reference` within the slacks, else the reason."""
+    if ours["top1"] < reference["top1"] - TOP1_SLACK:
+        return f"{name} top-1 agreement {ours['top1']:.4f} < {ref_name}'s {reference['top1']:.4f} - {TOP1_SLACK}"
+    if ours["max_err"] > ERROR_SLACK * reference["max_err"] + ERROR_FLOOR:
+        return f"{name} max error {ours['max_err']:.3g} > {ERROR_SLACK} x {ref_name}'s {reference['max_err']:.3g} + {ERROR_FLOOR}"
+    return None
+
+
+def part_forward(size: str, device: torch.device, env) -> str:
+    rows, problems = [], []
+    for family in ("llama", "phi"):
+        try:
+            rows += forward_family(family, size, device)
+        except CheckFailed as e:
+            problems.append(e.args[0])
+            rows += e.args[1]
+    batch, seq = FORWARD_BATCH[size]
+    text = (f"Random {', '.join(f'{f}: ' + shape_text(c) for f, c in FORWARD[size].items())} "
+            f"(initializer range 0.05); {batch} x {seq} random token ids; the right-padded batch has rows of "
+            f"{seq}, {3 * seq // 4}, {seq // 2} and {seq // 4} tokens.\n\n"
+            + common.table(["family", "comparison", "max abs logit error", "top-1 agreement"], rows))
+    if problems:
+        raise CheckFailed("; ".join(problems), text)
+    return text
+
+
+def shape_text(cfg: dict) -> str:
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    return ", ".join(f"{k}={cfg[k]}" for k in keys)
+
+
+# ------------------------------------------------------------------------------------ steps
+def part_steps(size: str, device: torch.device, env) -> str:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = gpu_train.matmul_tflops(device, dtype)
+    results = []
+    for step, stack in STEPS:
+        args = gpu_train.parser().parse_args([*STEP_FLAGS[size], "--step", step, "--stack", stack])
+        results.append(gpu_train.measure(args, env, peak))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    rows = [[r["step"], r["stack"], f"{r['tokens_per_s']:.0f}", r["peak_memory_gib"] or "n/a", f"{r['mfu']:.3f}",
+             f"{r['loss']:.4f}"] for r in results]
+    ours, peft, compat = results
+    memory = (f"{ours['peak_memory_gib'] / peft['peak_memory_gib']:.2f}x" if ours["peak_memory_gib"] else "n/a (CPU)")
+    rank = gpu_train.parser().parse_args(STEP_FLAGS[size]).rank
+    text = (f"{STEPS_TEXT[size]}, LoRA rank {rank} on all block linears, "
+            f"{ours['batch']} x {ours['seq_len']} tokens, {ours['params_base'] / 1e6:.1f} M base parameters; "
+            f"{str(dtype).removeprefix('torch.')} matmul rate measured here: {peak:.2f} TFLOP/s (the MFU "
+            f"denominator). Random weights: the two stacks' losses differ.\n\n"
+            + common.table(["step", "stack", "tokens/s", "peak GiB", "MFU", "loss"], rows)
+            + f"\n\nOurs / transformers + PEFT, task step: **{ours['tokens_per_s'] / peft['tokens_per_s']:.2f}x** "
+              f"tokens/s, {memory} peak memory. Compat / task step time (ours): "
+              f"**{compat['step_s'] / ours['step_s']:.2f}x**.")
+    bad = [f"{r['step']} step ({r['stack']}) loss {r['loss']}" for r in results if not math.isfinite(r["loss"])]
+    if bad:
+        raise CheckFailed("non-finite loss: " + ", ".join(bad), text)
+    return text
+
+
+STEPS_TEXT = {"gpu": "TinyLlama-1.1B-shaped Llama (bench/gpu_train.py --shape 1b), bf16 base, fp32 adapters",
+              "dry": "Tiny Llama (bench/gpu_train.py --shape tiny), float32 on the CPU"}
+
+
+# ------------------------------------------------------------------------------------ pipeline
+def part_pipeline(size: str, device: torch.device, env) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        flags = ["@configs/toy-mc.args", "--device", device.type, "--out", str(out)]
+        child_env = dict(os.environ)
+        if size == "dry":
+            flags += DRY_PIPELINE_FLAGS
+            child_env.update(MUSCLE_TOY_SIZE=child_env.get("MUSCLE_TOY_SIZE", "micro"),
+                             MUSCLE_CACHE=child_env.get("MUSCLE_CACHE", str(Path(tmp) / "toy")))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone",
+               "train.py", *flags]
+        start = time.perf_counter()
+        done = subprocess.run(cmd, cwd=common.ROOT, env=child_env, capture_output=True, text=True,
+                              timeout=PIPELINE_TIMEOUT_S[size])
+        seconds = time.perf_counter() - start
+        report_file = out / "stage4_eval" / "report.json"
+        if done.returncode != 0 or not report_file.is_file():
+            lines = done.stderr.strip().splitlines() or ["(no output)"]
+            reason = next((line for line in reversed(lines) if line.startswith("error:")), lines[-1])
+            raise CheckFailed(f"train.py under torchrun exited {done.returncode}: {reason}",
+                              f"`{' '.join(cmd[1:])}` failed:\n\n```\n{done.stderr[-2000:]}\n```")
+        report = json.loads(report_file.read_text())
+    acc = {role: report["models"][role]["accuracy"] * 100 for role in ("old", "new", "compat")}
+    nfr = {pair: report["pairs"][pair]["nfr"] * 100 for pair in ("old->new", "old->compat")}
+    return (f"`torchrun --nproc_per_node 1 train.py {' '.join(flags[:3])}` ({'toy default' if size == 'gpu' else 'micro toy, ' + ' '.join(DRY_PIPELINE_FLAGS)}): "
+            f"exit 0 in {seconds:.0f} s, report written. Accuracy M1 / M2 / Mc: {acc['old']:.2f} / {acc['new']:.2f} / "
+            f"{acc['compat']:.2f}; NFR(M1, M2) {nfr['old->new']:.2f}, NFR(M1, Mc) {nfr['old->compat']:.2f} (percent, "
+            f"{report['n']} items).")
+
+
+# ------------------------------------------------------------------------------------ running
+PARTS: dict[str, Callable[[str, torch.device, object], str]] = {
+    "forward": part_forward, "steps": part_steps, "pipeline": part_pipeline}
+
+
+def header(dry_run: bool) -> str:
+    if dry_run:
+        return "**Dry run** on the CPU, tiny shapes: the code paths only; no GPU figures."
+    props = torch.cuda.get_device_properties(0)
+    return (f"Card: **{torch.cuda.get_device_name(0)}** ({props.total_memory / 2**30:.0f} GiB), CUDA "
+            f"{torch.version.cuda}, torch {torch.__version__}.")
+
+
+def record(results: dict[str, tuple[bool, str]], parts: list[str], dry_run: bool, path: Path | None) -> None:
+    """Write the parts run so far (and those not run yet) into the results file's section."""
+    body = [header(dry_run)]
+    for name in parts:
+        ok, text = results.get(name, (None, "not run (the check stopped before this part)"))
+        status = "not run" if ok is None else "passed" if ok else "**FAILED**"
+        body.append(f"### {name}: {status}\n\n{text}")
+    if path is not None:
+        common.write_section("gpu_check", "GPU self-check (bench/gpu_check.sh)", "\n\n".join(body), path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="every part on the CPU on tiny shapes")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS), help="parts to run")
+    p.add_argument("--results", type=Path, default=None,
+                   help="file whose GPU self-check section is rewritten; None: bench/RESULTS.md on a GPU, "
+                        "nothing in a dry run")
+    args = p.parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        print("error: torch sees no CUDA device (torch.cuda.is_available() is False): install the CUDA "
+              "build of torch (README, Set-up) or pass --dry-run to check the script on the CPU", file=sys.stderr)
+        return 2
+    common.setup()
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references stay fp32
+    size, device = ("dry", torch.device("cpu")) if args.dry_run else ("gpu", torch.device("cuda"))
+    results_path = args.results or (None if args.dry_run else common.RESULTS)
+    import distributed
+
+    env = distributed.setup(device.type)
+    results: dict[str, tuple[bool, str]] = {}
+    failed = []
+    try:
+        for name in args.parts:
+            print(f"gpu_check: {name} ...", flush=True)
+            try:
+                results[name] = (True, PARTS[name](size, device, env))
+            except CheckFailed as e:
+                results[name] = (False, e.args[1])
+                failed.append(f"{name} ({e.args[0]})")
+            except Exception as e:  # an error in one part must not hide the others' results
+                traceback.print_exc()
+                results[name] = (False, f"error: `{type(e).__name__}: {e}`")
+                failed.append(f"{name} ({type(e).__name__}: {e})")
+            record(results, args.parts, args.dry_run, results_path)
+            print(f"gpu_check: {name} {'passed' if results[name][0] else 'FAILED'}", flush=True)
+    finally:
+        distributed.teardown()
+    if failed:
+        print("gpu_check: FAILED: " + "; ".join(failed), file=sys.stderr)
+        return 1
+    print(f"gpu_check: all parts passed ({', '.join(args.parts)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
