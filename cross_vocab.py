@@ -197,42 +197,40 @@ def teacher_from_old(mapped: torch.Tensor, new_probs: torch.Tensor, new_only: to
 
 
 def muscle_loss_cross(h_student: torch.Tensor, h_old: torch.Tensor, h_new: torch.Tensor,
-                      heads: Sequence[muscle.Head], labels: torch.Tensor, old_position: torch.Tensor,
+                      heads: Sequence[muscle.Head], labels: torch.Tensor, old_valid: torch.Tensor,
                       vmap: VocabMap, rule: str = "fill", mask: str = "student_correct",
                       temperature: float = 2.0, ce_weight: float = 0.0,
                       chunk_size: int = 1024) -> muscle.LossSum:
     """`muscle.muscle_loss_chunked` when M1 reads its own tokens of the same text.
 
-    h_student, h_new [B, T, H] and labels [B, T] are on the student's tokens; h_old [B, T_old, H]
-    on M1's; old_position [B, T] gives, per student position, the aligned M1 position (-1: none;
-    `encode_aligned`). The mask keeps its meaning (eq. 1): where it asks for M1 at an aligned
-    position, the teacher is M1's distribution mapped onto the student's vocabulary
-    (`teacher_from_old`); at a position without one (or where none of M1's mass maps) the
-    student follows M2, and the LossSum counts it. Masks that read M1 see its mapped distribution
-    at temperature 1. Chunked as `muscle.chunked_sum`: one chunk's student and M2
-    logits [chunk, V_new] and M1 logits of its aligned positions [<= chunk, V_old] at a time.
+    h_student, h_new [B, T, H] and labels [B, T] are on the student's tokens; h_old [B, T, H] are
+    M1's final hidden states at the M1 position aligned with each student position
+    (`encode_aligned`), which exists where old_valid [B, T] is True. The mask keeps its meaning
+    (eq. 1): where it asks for M1 at an aligned position, the teacher is M1's distribution mapped
+    onto the student's vocabulary (`teacher_from_old`); at a position without one (or where none
+    of M1's mass maps) the student follows M2, and the LossSum counts it. Masks that read M1 see
+    its mapped distribution at temperature 1. Chunked as `muscle.chunked_sum`: one chunk's
+    student and M2 logits [chunk, V_new] and M1 logits of its aligned positions [<= chunk, V_old]
+    exist at a time.
     """
     muscle.get_mask(mask)
     if mask in muscle.SEQUENCE_MASKS:
         raise ValueError(f"--mask {mask} scores whole sequences with M1's likelihood, which two "
                          f"vocabularies do not share; choose a per-token mask")
     head_s, head_o, head_n = heads
-    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1) * h_old.shape[1]
-    flat_old = torch.where(old_position >= 0, old_position + rows, -1)[:, :-1].flatten()
-    h_old = h_old.detach().flatten(0, 1)
     new_only = vmap.new_only.to(h_new.device)
 
-    def chunk_loss(hs, hn, at, y):
+    def chunk_loss(hs, ho, hn, ok, y):
         student = muscle.upcast(head_s(hs))
         real = y != muscle.IGNORE_INDEX
         with torch.no_grad():
             new = muscle.upcast(head_n(hn))
             p_new = torch.softmax(new / temperature, dim=-1)
-            z_old = muscle.upcast(head_o(h_old[at[at >= 0]]))
-            old_teacher, usable, mass = _old_teacher(z_old, at, p_new, vmap, new_only, rule,
+            z_old = muscle.upcast(head_o(ho[ok]))
+            old_teacher, usable, mass = _old_teacher(z_old, ok, p_new, vmap, new_only, rule,
                                                      temperature, real)
             # What the mask sees of M1: its mapped distribution at T = 1, as masks read logits.
-            at_one, _, _ = _old_teacher(z_old, at, torch.softmax(new, dim=-1), vmap, new_only, rule,
+            at_one, _, _ = _old_teacher(z_old, ok, torch.softmax(new, dim=-1), vmap, new_only, rule,
                                         1.0, real)
             old_logits = torch.where(usable.unsqueeze(-1), at_one.clamp_min(1e-300).log(), new)
             wants_old = muscle.get_mask(mask)(student, old_logits, new, y) & real
@@ -241,18 +239,17 @@ def muscle_loss_cross(h_student: torch.Tensor, h_old: torch.Tensor, h_new: torch
         per_token = muscle.distill_per_token(student, teacher, y, temperature, ce_weight,
                                              log_target=False)
         return muscle.LossSum(per_token[real].sum(), int(real.sum()), int(follow.sum()),
-                              int(((at >= 0) & real).sum()), mass, int((wants_old & ~usable).sum()))
+                              int((ok & real).sum()), mass, int((wants_old & ~usable).sum()))
 
-    h_student, h_new = h_student[:, :-1].flatten(0, 1), h_new[:, :-1].detach().flatten(0, 1)
-    return muscle.chunked_sum(chunk_loss, (h_student, h_new, flat_old), labels[:, 1:].flatten(),
-                              False, chunk_size, muscle.trainable(head_s))
+    inputs = (h_student[:, :-1], h_old[:, :-1].detach(), h_new[:, :-1].detach(), old_valid[:, :-1])
+    return muscle.chunked_sum(chunk_loss, [x.flatten(0, 1) for x in inputs],
+                              labels[:, 1:].flatten(), False, chunk_size, muscle.trainable(head_s))
 
 
-def _old_teacher(z_old, at, p_new, vmap, new_only, rule, temperature, real):
+def _old_teacher(z_old, aligned, p_new, vmap, new_only, rule, temperature, real):
     """(M1's teacher at `temperature` over the new vocabulary [n, V_new] from its logits z_old at
     the aligned positions (p_new's rows elsewhere), the positions where it has one, its kept mass
     summed over those that carry a label)."""
-    aligned = at >= 0
     teacher, usable, mass = p_new.clone(), aligned.clone(), 0.0
     if aligned.any():
         p_old = torch.softmax(z_old / temperature, dim=-1)
@@ -262,3 +259,32 @@ def _old_teacher(z_old, at, p_new, vmap, new_only, rule, temperature, real):
         usable[aligned] = kept > 0
         mass = float(kept[real[aligned]].sum())
     return teacher, usable, mass
+
+
+class Coverage:
+    """How much of stage 3's training text M1 could teach: running sums of the cross-vocabulary
+    loss's counts over training forwards (validation, under no_grad, is not counted; a resumed
+    stage counts the steps it ran)."""
+
+    FIELDS = ("tokens", "follow_old", "aligned", "mapped_mass", "unaligned")
+
+    def __init__(self) -> None:
+        self.totals = [0.0] * len(self.FIELDS)
+
+    def counting(self, loss_fn):
+        """`loss_fn`, adding each training forward's counts to the totals."""
+        def counted(batch):
+            out = loss_fn(batch)
+            if torch.is_grad_enabled():
+                self.totals = [t + float(getattr(out, f)) for t, f in zip(self.totals, self.FIELDS)]
+            return out
+        return counted
+
+    @classmethod
+    def shares(cls, totals: Sequence[float]) -> dict[str, float]:
+        """Label tokens whose position aligns, M1's mass mapped at those (mean), tokens that
+        followed M1, and tokens where the mask asked for M1 without an aligned position."""
+        n = dict(zip(cls.FIELDS, totals))
+        tokens, aligned = max(n["tokens"], 1), max(n["aligned"], 1)
+        return {"aligned": n["aligned"] / tokens, "mapped_mass": n["mapped_mass"] / aligned,
+                "followed_old": n["follow_old"] / tokens, "unaligned_asked_old": n["unaligned"] / tokens}

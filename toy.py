@@ -1,4 +1,4 @@
-"""The built-in toy model update: a synthetic world, two tiny base models toy-v1 -> toy-v2, two tasks.
+"""The built-in toy model update: a synthetic world, tiny base models toy-v1 -> toy-v2 (and toy-v3), two tasks.
 
 Why it exists: a newcomer's first command must run all of MUSCLE (PAPER.md: task adapters on the old
 and new base, the compatibility adapter, the report) on a laptop CPU with nothing downloaded. So the
@@ -14,6 +14,10 @@ sample of the corpus; v2 is a Phi as wide, of the same vocabulary, pre-trained t
 another sample. What a model knows is what it memorised or inferred from its corpus, so v2 knows
 more, but not everything v1 knew: the update moves which instances each model gets right (negative
 flips, PAPER.md section 3). MUSCLE needs the same vocabulary, not the same architecture.
+
+toy-v3 is toy-v2's recipe (a Phi, the same corpus sample and steps) reading the world through
+another tokenizer (toy_vocab.py: names in syllables, other ids), so toy-v1 -> toy-v3 is an update
+that changes the vocabulary, for MUSCLE across vocabularies (train.py --cross-vocab).
 
 The tasks: "toy-mc" (multiple choice by log-likelihood, like PIQA/HellaSwag) asks a creature's colour,
 home or food among 4 choices; "toy-gen" (generation scored by exact match, like GSM8K, answers written
@@ -47,6 +51,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import toy_vocab
 
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 UNK, BOS, EOS, PAD = SPECIALS
@@ -253,6 +259,11 @@ def build_tokenizer(creatures: list[Creature]):
     return tok
 
 
+def build_syllable_tokenizer(creatures: list[Creature]):
+    """toy-v3's tokenizer: the same words, creature names in syllables, ids of its own."""
+    return toy_vocab.build_tokenizer(SPECIALS, UNK, vocabulary(creatures), [c.name for c in creatures])
+
+
 def tokenizer_config(model_max_length: int) -> dict[str, Any]:
     """tokenizer_config.json: BOS added (Llama's convention), used by both models of the update."""
     return {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True, "add_eos_token": False,
@@ -297,11 +308,13 @@ class BaseSpec:
 
 @dataclass(frozen=True)
 class Scenario:
-    """A world and the two base models pre-trained on it."""
+    """A world and the base models pre-trained on it; v3 reads the world through toy_vocab's
+    tokenizer (names in syllables, other ids), so toy-v1 -> toy-v3 changes the vocabulary."""
 
     world: WorldConfig
     v1: BaseSpec
     v2: BaseSpec
+    v3: BaseSpec
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -315,6 +328,8 @@ SCENARIOS: dict[str, Scenario] = {
                     n_sentences=40000, corpus_seed=2, steps=600),
         v2=BaseSpec("phi", hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
                     n_sentences=20000, corpus_seed=1, steps=1200),
+        v3=BaseSpec("phi", hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    n_sentences=20000, corpus_seed=1, steps=1200),
     ),
     # Seconds to build, for the test suite (MUSCLE_TOY_SIZE=micro): same code path, no claims.
     "micro": Scenario(
@@ -323,9 +338,11 @@ SCENARIOS: dict[str, Scenario] = {
                     n_sentences=800, corpus_seed=2, steps=4, batch_size=8, seq_len=16),
         v2=BaseSpec("phi", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                     n_sentences=400, corpus_seed=1, steps=6, batch_size=8, seq_len=16),
+        v3=BaseSpec("phi", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                    n_sentences=400, corpus_seed=1, steps=6, batch_size=8, seq_len=16),
     ),
 }
-TOY_MODELS: dict[str, str] = {"toy-v1": "v1", "toy-v2": "v2"}  # registry name -> Scenario field
+TOY_MODELS: dict[str, str] = {"toy-v1": "v1", "toy-v2": "v2", "toy-v3": "v3"}  # name -> Scenario field
 
 
 def scenario(size: str | None = None) -> tuple[str, Scenario]:
@@ -405,7 +422,8 @@ def _sha256(path: Path) -> str:
 def recipe(size: str, which: str) -> str:
     """A fingerprint of everything a checkpoint is built from: a changed recipe means a rebuild."""
     _, sc = scenario(size)
-    return hashlib.sha256(json.dumps([asdict(sc.world), asdict(getattr(sc, which))], sort_keys=True).encode()).hexdigest()
+    parts = [asdict(sc.world), asdict(getattr(sc, which))] + ([toy_vocab.RECIPE] if which == "v3" else [])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def is_valid(ckpt_dir: Path, expected_recipe: str) -> bool:
@@ -440,7 +458,7 @@ def build(name: str, out_dir: Path, size: str | None = None) -> None:
     which = TOY_MODELS[name]
     spec: BaseSpec = getattr(sc, which)
     creatures = build_world(sc.world)
-    tok = build_tokenizer(creatures)
+    tok = (build_syllable_tokenizer if which == "v3" else build_tokenizer)(creatures)
     with tempfile.TemporaryDirectory(prefix=f"{name}-fit-") as run_dir:
         model = pretrain(spec, creatures, tok, Path(run_dir), desc=f"pre-train {name} ({size})")
     write_checkpoint(model, tok, spec.hf_config(tok.get_vocab_size()), out_dir, recipe(size, which))

@@ -216,9 +216,9 @@ def test_one_vocabulary_seen_as_two_gives_the_paper_loss(mask, rule):
     gradient, for both rules (nothing is unmapped)."""
     heads, (hs, ho, hn), labels = _heads_and_states(0)
     vmap = cross_vocab.VocabMap(torch.arange(7), torch.zeros(7, dtype=torch.bool))
-    positions = torch.arange(6).expand(2, 6)
+    everywhere = torch.ones(2, 6, dtype=torch.bool)
     student = hs.clone().requires_grad_()
-    out = cross_vocab.muscle_loss_cross(student, ho, hn, heads, labels, positions, vmap, rule,
+    out = cross_vocab.muscle_loss_cross(student, ho, hn, heads, labels, everywhere, vmap, rule,
                                         mask, ce_weight=0.3, chunk_size=4)
     out.loss.backward()
     ref_student = hs.clone().requires_grad_()
@@ -234,8 +234,8 @@ def test_one_vocabulary_seen_as_two_gives_the_paper_loss(mask, rule):
 def test_unaligned_positions_follow_the_new_model_and_are_counted():
     heads, (hs, ho, hn), labels = _heads_and_states(1)
     vmap = cross_vocab.VocabMap(torch.arange(7), torch.zeros(7, dtype=torch.bool))
-    none = torch.full((2, 6), -1)
-    out = cross_vocab.muscle_loss_cross(hs, ho, hn, heads, labels, none, vmap)
+    nowhere = torch.zeros(2, 6, dtype=torch.bool)
+    out = cross_vocab.muscle_loss_cross(hs, ho, hn, heads, labels, nowhere, vmap)
     control = muscle.muscle_loss_chunked(hs, ho, hn, heads, labels, "new_only")
     wrong = muscle.muscle_loss_chunked(hs, ho, hn, heads, labels).follow_old
     assert out.loss.item() == pytest.approx(control.loss.item(), rel=1e-12)
@@ -248,15 +248,15 @@ def test_two_vocabularies_chunked_equals_one_chunk():
     heads, (hs, _, hn), labels = _heads_and_states(2)
     g = torch.Generator().manual_seed(3)
     old_head = torch.nn.Linear(5, 9, dtype=torch.float64)
-    ho = torch.randn(2, 8, 5, generator=g, dtype=torch.float64)
+    ho = torch.randn(2, 6, 5, generator=g, dtype=torch.float64)
     vmap = cross_vocab.VocabMap(torch.tensor([0, 1, 2, -1, 3, 3, -1, 5, -1]),
                                 torch.tensor([False, False, False, False, True, False, True]))
-    positions = torch.tensor([[0, 2, -1, 3, 5, 7], [0, -1, 1, 2, 3, -1]])
+    aligned = torch.tensor([[1, 1, 0, 1, 1, 1], [1, 0, 1, 1, 1, 0]], dtype=torch.bool)
     grads, losses = [], []
     for chunk in (3, 1000):
         student = hs.clone().requires_grad_()
         out = cross_vocab.muscle_loss_cross(student, ho, hn, (heads[0], old_head, heads[2]), labels,
-                                            positions, vmap, chunk_size=chunk)
+                                            aligned, vmap, chunk_size=chunk)
         out.loss.backward()
         grads.append(student.grad)
         losses.append(out)
@@ -269,5 +269,23 @@ def test_sequence_masks_are_refused():
     heads, (hs, ho, hn), labels = _heads_and_states(0)
     vmap = cross_vocab.VocabMap(torch.arange(7), torch.zeros(7, dtype=torch.bool))
     with pytest.raises(ValueError, match="per-token mask"):
-        cross_vocab.muscle_loss_cross(hs, ho, hn, heads, labels, torch.zeros(2, 6, dtype=torch.long),
+        cross_vocab.muscle_loss_cross(hs, ho, hn, heads, labels, torch.ones(2, 6, dtype=torch.bool),
                                       vmap, mask="instance_likelihood")
+
+
+def test_coverage_counts_training_forwards_only():
+    heads, (hs, ho, hn), labels = _heads_and_states(2)
+    vmap = cross_vocab.VocabMap(torch.tensor([0, 1, 2, -1, 3, 3, -1]), torch.zeros(7, dtype=torch.bool))
+    aligned = torch.tensor([[1, 1, 0, 1, 1, 1], [1, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    coverage = cross_vocab.Coverage()
+    loss = coverage.counting(lambda b: cross_vocab.muscle_loss_cross(hs, ho, hn, heads, labels,
+                                                                     aligned, vmap))
+    out = loss(None)
+    with torch.no_grad():
+        loss(None)  # a validation forward: not counted
+    shares = cross_vocab.Coverage.shares(coverage.totals)
+    # Label tokens: row 0 positions 0-4 (aligned: 0, 1, 3, 4), row 1 positions 0-2 (0, 2).
+    assert out.tokens == 8 and out.aligned == 6 and shares["aligned"] == 6 / 8
+    assert shares["mapped_mass"] == pytest.approx(out.mapped_mass / 6) and shares["mapped_mass"] < 1
+    assert shares["followed_old"] == out.follow_old / 8
+    assert shares["unaligned_asked_old"] == out.unaligned / 8

@@ -1,0 +1,51 @@
+"""The toy world's second tokenizer: creature names in syllables, other words whole, own ids.
+
+toy-v1 and toy-v2 share one word-level vocabulary, where every creature name is one token. An
+update that changes the vocabulary (Llama 2 -> Llama 3) needs a base that reads the same text
+through other tokens: toy-v3 (toy.py) reads it through this tokenizer. A name is cut into
+consonant-vowel syllables and a final consonant ("zabuk" -> "za" "+bu" "+k", "+" marking a
+piece that continues a word, as WordPiece's "##" does), so the two vocabularies share every
+word except the names, and a name's pieces are shared between creatures. The ids follow
+another order than toy.vocabulary's (words sorted by their reversed spelling), so no id means
+the same in both.
+"""
+from __future__ import annotations
+
+CONTINUES = "+"  # WordPiece's continuing-subword prefix ("##" would clash with the answers' "####")
+RECIPE = "syllable-wordpiece-v1"  # part of toy-v3's recipe: a change here rebuilds it
+
+
+def syllables(name: str) -> list[str]:
+    """Consonant-vowel pairs, then the final consonant: "zabuk" -> ["za", "bu", "k"]."""
+    return [name[i:i + 2] for i in range(0, len(name), 2)]
+
+
+def pieces(name: str) -> list[str]:
+    """The tokens of a name: its first syllable, then the others marked as continuations."""
+    first, *rest = syllables(name)
+    return [first] + [CONTINUES + s for s in rest]
+
+
+def vocabulary(specials: tuple[str, ...], words: list[str], names: list[str]) -> list[str]:
+    """Special tokens, then the words that are not names and every name's pieces, in an order
+    of their own (sorted by reversed spelling).
+
+    WordPiece takes the longest entry a word starts with, so a name that starts with a longer
+    word ("bugal" with "bug") would not come out in its syllables: such a name stays whole."""
+    name_set = set(names)
+    entries = {w for w in words if w not in name_set and w not in specials}
+    shadowed = {n for n in names if any(n.startswith(w) and len(w) > 2 for w in entries)}
+    entries |= shadowed | {p for n in names if n not in shadowed for p in pieces(n)}
+    return list(specials) + sorted(entries, key=lambda w: (w[::-1], w))
+
+
+def build_tokenizer(specials: tuple[str, ...], unk: str, words: list[str], names: list[str]):
+    """A `tokenizers` WordPiece tokenizer (whitespace pre-tokenizer, as toy.build_tokenizer's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(vocabulary(specials, words, names))}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token=unk, continuing_subword_prefix=CONTINUES))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix=CONTINUES, cleanup=False)
+    tok.add_special_tokens(list(specials))
+    return tok
