@@ -183,7 +183,7 @@ def test_build_does_not_depend_on_the_callers_thread_count(tmp_path):
 
 def test_unknown_names_raise_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="not a toy model"):
-        toy.ensure_model("toy-v3")
+        toy.ensure_model("toy-v9")
     monkeypatch.setenv("MUSCLE_TOY_SIZE", "huge")
     with pytest.raises(ValueError, match="MUSCLE_TOY_SIZE"):
         toy.scenario()
