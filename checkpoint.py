@@ -8,7 +8,7 @@ Layout of a checkpoint root (one per training stage):
 A new checkpoint is written into a temporary directory, flushed to disk, renamed to its final
 name, and only then does `latest` move to it (write a temp file + os.replace); older checkpoints
 are deleted after that. A crash, SIGKILL or full disk at any moment leaves `latest` pointing at
-a complete checkpoint (issue 9). Only the process that calls `save` writes: under torchrun,
+a complete checkpoint. Only the process that calls `save` writes: under torchrun,
 rank 0 (the caller gathers sharded tensors first).
 """
 from __future__ import annotations

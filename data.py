@@ -4,11 +4,11 @@ Reading. `load_task(task, split, data_dir)` reads the upstream files from a loca
 out as `LAYOUT` says, or, with `data_dir=None`, downloads a pinned hub copy (`HUB`) with
 huggingface_hub; the hub's parquet files need the optional `pyarrow`. Both sources give the same
 items. Splits are "train", "validation" and "test"; each task evaluates on `TASKS[task].eval_split`
-(the split lm-evaluation-harness scores, ../shared/EVAL_FORMATS.md). Item ids are stable strings:
+(the split lm-evaluation-harness v0.4.3 scores). Item ids are stable strings:
 "piqa/validation/17" (row index) for PIQA, HellaSwag and GSM8K, "samsum/test/13862856" (the
 corpus's own id) for SAMSum.
 
-Prompts, exactly as the harness v0.4.3 builds them (EVAL_FORMATS.md):
+Prompts, exactly as the harness v0.4.3 builds them (its `lm_eval/tasks/<task>` YAML files):
 - PIQA: "Question: " + goal + "\\nAnswer:", choices [sol1, sol2], gold = label.
 - HellaSwag: `_hellaswag_preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize())`,
   choices preprocessed endings, gold = int(label) (a string on the hub).
@@ -16,10 +16,10 @@ Prompts, exactly as the harness v0.4.3 builds them (EVAL_FORMATS.md):
   its <<...>> annotations and "#### N"), reference the answer.
 - SAMSum (no harness task; the paper's template is unpublished): "Dialogue: " + dialogue +
   "\\nSummary:", target " " + summary, reference the summary as the corpus has it. Dialogues
-  separate turns by "\\r\\n" in 88% of records and by "\\n" in the rest; we normalise to "\\n" and
+  separate turns by "\\r\\n" in most records and by "\\n" in the rest; we normalise to "\\n" and
   strip the ends so the model sees one separator whatever the record. No dialogue of the corpus
   holds a blank line once normalised, so "\\n\\n" (a stop string) marks only the end of a
-  summary. The target summary is normalised the same way and stripped: 2,716 train summaries end
+  summary. The target summary is normalised the same way and stripped: many train summaries end
   in spaces and a few in "\\r\\n" or "\\n\\n", which would teach the model to emit the stop string.
   ROUGE tokenises on words, so the raw reference scores the same. SAMSum's one empty train
   dialogue (id 13828807) is kept as the corpus has it.
@@ -31,9 +31,8 @@ every token by default (`mask_context` masks the context), `split_train_val` mak
 80/20 split, `encode_pairs` tokenises with left truncation, `batches` + `collate` pad.
 Padding vs packing: we pad, with length bucketing (sort inside shuffled windows of 64 batches).
 Padding keeps one sequence per row, so attention never crosses examples and the per-token loss
-is exact. Measured on PIQA train (16,113 gold pairs, whitespace words + BOS + EOS as the length
-proxy, mean 30, max 384): batches of 8 drawn at random are 52% padding, bucketed 4.9% (16: 61%
-vs 6.5%), so packing would save little and would need cross-example attention masks.
+is exact; bucketing leaves little padding on the paper's tasks (bench/RESULTS.md), so packing
+would save little and would need cross-example attention masks.
 
 Other tasks (the built-in toy tasks of toy.py) join with `register_task(Task(..., loader=f))`,
 where `f(split, data_dir)` returns the items.
@@ -76,7 +75,7 @@ Loader = Callable[[str, "str | Path | None"], list]
 
 @dataclass(frozen=True)
 class Task:
-    """How a task is read, scored and decoded (appendix A.3 of the paper, EVAL_FORMATS.md)."""
+    """How a task is read, scored and decoded (the paper, appendix A.3)."""
     name: str
     kind: str  # "multiple_choice" | "generation"
     eval_split: str

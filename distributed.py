@@ -3,8 +3,8 @@
 One code path for every set-up: `python train.py` is world size 1 (no process group, plain
 modules on CPU); `torchrun --nproc_per_node N train.py` initialises NCCL on GPUs or gloo on CPU
 and shards every model with FSDP2 (`fully_shard`) per transformer block, then `lm_head`, then the
-root (ANCHORS lesson 5: FSDP2 shards each parameter, so frozen base weights and trainable LoRA
-weights can share a unit). On GPU, a single process is sharded too (world size 1), so that the
+root, as torchtune's `shard_model` does. FSDP2 shards each parameter, so frozen base weights and
+trainable LoRA weights can share a unit (FSDP1's flat parameters need one `requires_grad` per unit). On GPU, a single process is sharded too (world size 1), so that the
 frozen base can stay in bf16 while FSDP's mixed precision keeps fp32 master copies of the LoRA
 weights.
 """
@@ -100,7 +100,8 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each transformer block in the backward pass instead of storing its activations.
 
     The block's `forward` is wrapped in place (no wrapper module), so parameter names, and with
-    them the adapter's PEFT keys, do not change. Call before `shard` (ANCHORS lesson 5).
+    them the adapter's PEFT keys, do not change. Call before `shard`, as torchtune's
+    `_setup_model` does, so that checkpointing wraps the block FSDP2 then shards.
     """
     for layer in model.model.layers:
         inner = layer.forward

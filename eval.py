@@ -1,10 +1,10 @@
 """Evaluation: log-likelihood multiple choice, greedy generation, per-instance prediction records.
 
-MUSCLE's metrics (PAPER.md Sec. 3: negative flips, BTC, gain/regression rates) compare two models
+MUSCLE's metrics (the paper, Sec. 3: negative flips, BTC, gain/regression rates) compare two models
 instance by instance, so evaluation writes one JSON line per instance; `python eval.py compare`
 turns two or three such files into the compatibility report (compare.py).
 
-The paper evaluated with lm-evaluation-harness v0.4.3 (appendix A.3; ../shared/EVAL_FORMATS.md); the
+The paper evaluated with lm-evaluation-harness v0.4.3 (the paper, appendix A.3); the
 scoring here reproduces its rules:
 - multiple choice: one request (context, " " + choice) per choice, tokenised as the harness's
   `_encode_pair`, scored by the sum of the continuation's log-probabilities; acc = argmax, acc_norm =
@@ -88,8 +88,8 @@ def encode_request(tokenizer: Any, context: str, continuation: str, add_bos: boo
 
 
 def note_truncated(n: int, total: int, what: str, limit: int) -> None:
-    """Say how many inputs were cut on the left to fit the model (issue 9: a long input is
-    truncated as the harness does, never a crash, and never silently)."""
+    """Say how many inputs were cut on the left to fit the model: a long input is truncated as
+    the harness does, never a crash, and never silently."""
     if n:
         print(f"note: {n} of {total} {what} did not fit in {limit} tokens and lost the start of "
               f"their context", file=sys.stderr)
@@ -155,7 +155,7 @@ def _expand_cache(model: torch.nn.Module, cache: Any, index: torch.Tensor, max_l
 
 
 # Choice rows per suffix forward. Rows are sorted by suffix length first, so a small group pads
-# little; on the benchmark's CPU (bench/RESULTS.md) 8 rows gained 1.4x-1.5x over one padded batch.
+# little, and a few rows at a time beat one batch padded to the longest (bench/scoring.py).
 SUFFIX_ROWS = 8
 
 
@@ -423,7 +423,7 @@ def generation_record(metric: str, item: Any, text: str) -> dict[str, Any]:
     GSM8K ("exact_match"): both harness filters are stored; `correct` is strict-match (the
     "#### N" answer the paper scores, appendix A.3, and the format the task adapter is trained to
     write), `correct_flexible` the flexible-extract variant. SAMSum ("rouge1"): score = ROUGE-1 F,
-    correct = None (a continuous metric: the report uses gain/regression rates, PAPER.md Sec. 3).
+    correct = None (a continuous metric: the report uses gain/regression rates, the paper's Sec. 3).
     """
     record: dict[str, Any] = {"prediction": text, "reference": item.references[0]}
     if metric == "exact_match":
@@ -524,7 +524,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # Errors a user can cause (wrong name, path, file, shape, data; no network, gated repo): one line
-# naming the input and the fix, exit status 2, no traceback (issue 9).
+# naming the input and the fix, exit status 2, no traceback.
 USER_ERRORS = (ValueError, OSError, ImportError)
 
 

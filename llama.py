@@ -1,12 +1,13 @@
 """Llama 1/2/3 and Vicuna (Hugging Face `LlamaForCausalLM` layout), plus the pieces Phi reuses.
 
-MUSCLE (PAPER.md, Sec. 4) updates Llama-1 -> Llama-2 -> Vicuna and Phi-1 -> Phi-1.5 -> Phi-2, so the
+MUSCLE (the paper, Sec. 5 and Table 8) updates Llama-1 -> Llama-2 -> Vicuna and Phi-1 -> Phi-1.5 -> Phi-2, so the
 models must reproduce Hugging Face's logits on the published checkpoints. Module names and state_dict
 keys are HF's exactly, so checkpoints load without renaming and LoRA module paths equal PEFT's.
 
 Numerics follow transformers' `modeling_llama.py` (the test oracle):
 - RoPE in the *rotate-half* convention (x[i] pairs with x[i + d/2]); HF's conversion script already
-  permuted q/k rows for it, so HF weights need no permutation (ANCHORS.md, "RoPE conventions").
+  permuted q/k rows for it, so HF weights need no permutation (Meta's reference pairs adjacent dims instead; torchtune and
+  gpt-fast permute q/k on load for that).
 - cos/sin are computed in float32 and cast to the activation dtype (transformers PR #29285).
 - RMSNorm normalises in float32, casts back, *then* multiplies by the weight (Meta's order too).
 - Grouped-query attention: KV head j serves query heads j*g .. j*g+g-1 (SDPA's `enable_gqa`).
@@ -212,7 +213,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionCont
 # ------------------------------------------------------------------------------------- the model
 @dataclass
 class LlamaConfig:
-    """The config.json keys a Llama checkpoint needs (ANCHORS.md, Llama section)."""
+    """The config.json keys a Llama checkpoint needs (transformers' `LlamaConfig` names)."""
 
     vocab_size: int
     hidden_size: int
@@ -317,7 +318,7 @@ class CausalLM(nn.Module):
     """Shared forward for Llama and Phi: `self.model` holds embed_tokens, rotary_emb and layers;
     subclasses provide `final_norm` and may override `embed`.
 
-    `forward == lm_head(hidden_states(...))`; the MUSCLE loss (PAPER.md Sec. 3) calls the two halves
+    `forward == lm_head(hidden_states(...))`; the MUSCLE loss (the paper, Sec. 4.1, Eq. 1-2) calls the two halves
     itself so that it can project logits chunk by chunk.
     """
 
@@ -333,7 +334,10 @@ class CausalLM(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
-        """[B, T] token ids -> [B, T, hidden] after the final norm. See INTERFACES.md for the mask rules."""
+        """[B, T] token ids -> [B, T, hidden] after the final norm.
+
+        `attention_mask` [B, past + T] is 1 at real tokens and 0 at pads; without it every token
+        is real. `attention_context` turns it into positions and the causal mask."""
         x = self.embed(input_ids)
         ctx = attention_context(self.model.rotary_emb, input_ids, attention_mask, cache, x.dtype)
         for layer in self.model.layers:

@@ -1,6 +1,6 @@
 """Hand-written LoRA (Hu et al., 2021) with several named adapters per model, and PEFT's file format.
 
-MUSCLE (paper section 4.1 and appendix A.1; PAPER.md) keeps two adapters on one copy of base v2:
+MUSCLE (the paper, Sec. 4.1 and appendix A.1) keeps two adapters on one copy of base v2:
 the new task adapter A2 (the frozen teacher) and the compatibility adapter Ac (the student,
 initialised as a copy of A2). So one `LoRALinear` holds any number of named adapters and applies
 the active one; switching adapters flips a name, the base weights are never copied.
@@ -46,7 +46,7 @@ from torch import nn
 import files
 
 # Paper appendix A.1: rank 128 on all linear layers, dropout 0. The alpha row printed "156" lost
-# its label (PAPER.md); we default to the common alpha = 2 * rank = 256 (scaling 2). Pass `alpha`
+# its label; we default to the common alpha = 2 * rank = 256 (scaling 2). Pass `alpha`
 # to reproduce another choice.
 DEFAULT_RANK = 128
 DEFAULT_ALPHA = 256
@@ -223,7 +223,7 @@ def add_adapter(model: nn.Module, name: str = "default", rank: int = DEFAULT_RAN
     target_modules; None = all linear layers of the transformer blocks (Llama q/k/v/o_proj,
     gate/up/down_proj; Phi q/k/v_proj, dense, fc1, fc2), lm_head only if named. Defaults follow
     paper A.1: rank 128, dropout 0, and alpha 256 = 2 * rank (the paper's printed alpha "156" lost
-    its label; see PAPER.md), so the update is scaled by alpha / rank = 2."""
+    its label), so the update is scaled by alpha / rank = 2."""
     if rank <= 0 or not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA needs rank > 0 and 0 <= dropout < 1, got rank={rank}, "
                          f"dropout={dropout}")

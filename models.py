@@ -1,6 +1,6 @@
 """Model registry and loading: a registry name, a local HF checkpoint directory or a hub repo id.
 
-The paper's update chains (PAPER.md Sec. 4) are Llama-1 -> Llama-2 -> Vicuna and Phi-1 -> Phi-1.5 ->
+The paper's update chains (its Table 8) are Llama-1 -> Llama-2 -> Vicuna and Phi-1 -> Phi-1.5 ->
 Phi-2; REGISTRY maps the short names used on the command line to their hub repos. Loading builds the
 model on the meta device and assigns checkpoint tensors shard by shard, so a 7B model never needs
 twice its size in memory. Only safetensors, or `.bin` through `torch.load(weights_only=True)`: never
@@ -36,7 +36,8 @@ FAMILIES: dict[str, tuple[Any, type[nn.Module]]] = {
     "phi": (phi.PhiConfig, phi.PhiForCausalLM),
 }
 
-# Pre-Jan-2024 Phi repos used custom MixFormer code (ANCHORS.md, "Old format trap").
+# Pre-Jan-2024 Phi repos used custom MixFormer code (transformers PR #28163 ported Phi to
+# PhiForCausalLM; litgpt's `copy_weights_phi` rejects the old keys the same way).
 OLD_PHI_TYPES = ("phi-msft", "mixformer-sequential")
 
 
@@ -201,7 +202,7 @@ def _toy_models() -> dict[str, Any]:
     return {name: toy.ensure_model for name in getattr(toy, "TOY_MODELS", ())}
 
 
-# Files a checkpoint needs from the hub (DESIGN.md: "only the files needed"); weights are chosen below.
+# Only the files a checkpoint needs from the hub; weights are chosen below.
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
              "tokenizer_config.json", "special_tokens_map.json"]
 SAFETENSORS_FILES = ["model*.safetensors", "model.safetensors.index.json"]

@@ -20,7 +20,8 @@ the loss does not change the update direction, so this choice only matters for t
 Conventions: labels are the input ids themselves with -100 on positions that carry no loss; the
 loss shifts them (logits at position t are scored against labels[t + 1]). Losses come back as a
 *sum* over real label tokens plus the token count: the caller divides by the count summed over
-micro-batches and ranks (ANCHORS lesson 9), so two micro-batches give the gradient of one batch.
+micro-batches and ranks, so two micro-batches give the gradient of one batch (torchtune's
+SFT recipes normalise the same way; a per-micro-batch mean would weight short batches more).
 """
 from __future__ import annotations
 
@@ -224,11 +225,18 @@ def chunked_sum(chunk_loss: Callable[..., LossSum], inputs: Sequence[torch.Tenso
     (see `_chunks`; inputs and labels already shifted, flattened to positions unless whole_rows).
 
     Gradients flow into inputs[0] and `params` only. With gradients on, each chunk's gradients
-    are taken right after its loss, in the forward pass, and its fp32 logits freed; the backward
-    pass only passes the stored gradients on. So at most one chunk's logits exist at a time
-    (ANCHORS lessons 8-9), as with activation checkpointing, but without checkpointing's second
-    pass through the heads (the fused linear-cross-entropy technique): recomputing them made a
-    LoRA step about 10% (SmolLM shape) to 20% (Phi shape) slower in bench/train_step.py.
+    are taken right after its loss, in the forward pass, and its fp32 logits freed, so at most
+    one chunk's logits exist at a time and the heads run once (activation checkpointing would run
+    them twice; Liger-Kernel's fused linear cross-entropy uses the same idea).
+
+    What is stored: for each leaf (the hidden states inputs[0], each of `params`), the gradient
+    of the whole sum, `grads` (a row slice per chunk for the hidden states, a running sum for the
+    head's parameters). What is returned: the sum's value plus `link - link.detach()`, where
+    `link = sum(leaf * stored grad)`: that term is exactly 0, and its gradient with respect to
+    each leaf is the stored gradient. So `loss.backward()` computes nothing again: it scales the
+    stored gradients by the upstream factor (the caller's 1 / token count) and hands them on to
+    the blocks below. This is exact because the caller uses the sum linearly, as every loss here
+    does; tests/test_muscle.py checks value and gradients against the unchunked loss.
     """
     first, rest = inputs[0], inputs[1:]
     leaves = ([first] if first.requires_grad else []) + list(params)

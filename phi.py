@@ -1,7 +1,7 @@
 """Phi-1, Phi-1.5 and Phi-2 in the current Hugging Face layout (`PhiForCausalLM`, model_type "phi").
 
-The paper's second update chain (PAPER.md Sec. 4) is Phi-1 -> Phi-1.5 -> Phi-2. Differences from Llama
-(ANCHORS.md, Phi section), numerics as transformers' `modeling_phi.py`:
+The paper's second update chain (its Table 8) is Phi-1 -> Phi-1.5 -> Phi-2. Differences from Llama,
+numerics as transformers' `modeling_phi.py`:
 - one `input_layernorm` (LayerNorm with bias) feeds attention and MLP *in parallel*:
   out = x + dropout(attn(ln(x))) + dropout(mlp(ln(x))), dropout = `resid_pdrop` (0.1 for Phi-2),
   active only in train mode, as in HF (transformers#28488);

@@ -1,8 +1,8 @@
 """Tokenizers of Hugging Face checkpoints without transformers: `tokenizer.json` through the `tokenizers`
 library, else `tokenizer.model` through `sentencepiece`.
 
-BOS/EOS follow the checkpoint's own files, because log-likelihood scoring and generation (PAPER.md
-Sec. 4, evaluation) must see exactly the tokens the model was trained with: Llama prepends BOS
+BOS/EOS follow the checkpoint's own files, because log-likelihood scoring and generation (the paper,
+appendix A.3) must see exactly the tokens the model was trained with: Llama prepends BOS
 (`add_bos_token: true` in tokenizer_config.json, or a BOS template in tokenizer.json's post-processor
 for Llama 3); Phi's GPT-2 style tokenizer adds nothing.
 """
@@ -157,7 +157,8 @@ class _SentencePiece:
 
 
 class Tokenizer:
-    """encode/decode with the checkpoint's BOS convention (contract in INTERFACES.md).
+    """encode/decode with the checkpoint's BOS convention: `encode` adds BOS when the checkpoint
+    does (`add_bos` overrides it per call), never EOS; `pad_id` is the pad token, else EOS, else 0.
 
     `decode` skips special tokens (BOS/EOS/pad), which is what generated text needs.
     """

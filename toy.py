@@ -1,6 +1,6 @@
 """The built-in toy model update: a synthetic world, tiny base models toy-v1 -> toy-v2 (and toy-v3), two tasks.
 
-Why it exists: a newcomer's first command must run all of MUSCLE (PAPER.md: task adapters on the old
+Why it exists: a newcomer's first command must run all of MUSCLE (the paper, Sec. 4: task adapters on the old
 and new base, the compatibility adapter, the report) on a laptop CPU with nothing downloaded. So the
 project builds its own model update on first use, deterministically from a seed.
 
@@ -9,11 +9,11 @@ food and number of legs follow its kind's rule most of the time, with exceptions
 are arbitrary facts. The pre-training corpus states facts as short sentences ("the zib is a bird .",
 "the zib eats seeds ."), mentioning popular creatures often and the long tail rarely.
 
-The update (PAPER.md Table 8 in miniature). v1 is a Llama pre-trained briefly (600 steps) on one
+The update (the paper's Table 8 in miniature). v1 is a Llama pre-trained briefly (600 steps) on one
 sample of the corpus; v2 is a Phi as wide, of the same vocabulary, pre-trained twice as long on
 another sample. What a model knows is what it memorised or inferred from its corpus, so v2 knows
 more, but not everything v1 knew: the update moves which instances each model gets right (negative
-flips, PAPER.md section 3). MUSCLE needs the same vocabulary, not the same architecture.
+flips, the paper's Sec. 3). MUSCLE needs the same vocabulary, not the same architecture.
 
 toy-v3 is toy-v2's recipe (a Phi, the same corpus sample and steps) reading the world through
 another tokenizer (toy_vocab.py: names in syllables, other ids), so toy-v1 -> toy-v3 is an update
@@ -28,13 +28,11 @@ The default corpus never asks a question. Answering "what does the zib eat ?" ab
 "the zib eats seeds ." is a skill (knowledge extraction) that the task adapters learn from the
 training split, as a real task adapter learns a format its base lacks (see `corpus`).
 
-What this toy shows (train.py @configs/toy-mc.args, seeds 0-2; README and bench/RESULTS.md):
-M1 82% -> M2 87% with 8.8% negative flips. The paper's mask lowers NFR by 25% relative, at +1.8
-points of accuracy. The control mask new_only (stage 3 without M1) gets 17%: two thirds of the
-gain come from stage 3 training v2 more, one third from following M1 where the student is wrong.
-The flips it cannot undo are facts of test-only creatures that v1 memorised and v2 never read. An earlier default, whose corpus was half
-questions, had task adapters that barely moved the bases, so MUSCLE had little to act on: -11%.
-The worlds tried on the way are in bench/RESULTS.md.
+What this toy shows (`train.py @configs/toy-mc.args`; the figures are in the README): v2 is more
+accurate than v1, yet gets wrong some items v1 got right, and the paper's mask removes part of
+those negative flips. The control mask new_only (stage 3 without M1) separates what stage 3 gains
+by training v2 more from what it gains by following M1 where the student is wrong. The flips no
+adapter can undo are facts of test-only creatures that v1 memorised and v2 never read.
 
 Checkpoints are ordinary Hugging Face directories (config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json) under $MUSCLE_CACHE or ~/.cache/muscle/toy, written atomically (temp dir +
@@ -160,7 +158,7 @@ def corpus(creatures: list[Creature], n_sentences: int, seed: int, p_qa: float =
     seen a question, so answering one about a fact it read only as a statement (knowledge
     extraction, Allen-Zhu & Li 2023, "Physics of Language Models 3.1") is learned in fine-tuning,
     and the adapters matter, as in the paper. With p_qa 0.5 the bases answer by themselves and LoRA
-    barely moves them (bench/RESULTS.md, "attempts"). Different seeds give different samples of the
+    barely moves them, leaving MUSCLE little to act on. Different seeds give different samples of the
     same world: what one model read often, another may have read rarely, as with two crawls of the
     web.
     """
@@ -192,7 +190,7 @@ def split_creatures(creatures: list[Creature], cfg: WorldConfig) -> dict[str, li
 
 # ------------------------------------------------------------------------------------- the tasks
 def _prompt(question: str) -> str:
-    return "Question: " + question + "\nAnswer:"  # the PIQA/GSM8K prompt shape (EVAL_FORMATS.md)
+    return "Question: " + question + "\nAnswer:"  # the PIQA/GSM8K prompt shape (lm-evaluation-harness)
 
 
 def mc_items(creatures: list[Creature], split: str, seed: int, n_choices: int = 4) -> list:
@@ -321,7 +319,7 @@ SCENARIOS: dict[str, Scenario] = {
     # The default update (measured in the README): v1 a Llama pre-trained briefly on a large sample,
     # v2 a Phi as wide, pre-trained twice as long on another sample. Both read facts only as
     # statements (p_qa 0), so answering the tasks' questions is a skill that fine-tuning teaches
-    # (see `corpus`). Both build in about a minute on 2 CPU cores.
+    # (see `corpus`).
     "default": Scenario(
         world=WorldConfig(),
         v1=BaseSpec("llama", hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -394,13 +392,13 @@ def pretrain(spec: BaseSpec, creatures: list[Creature], tok, run_dir: Path, desc
     batches = [_windows(stream, spec.batch_size, spec.seq_len, rng, bos) for _ in range(spec.steps)]
     val = [_windows(stream, spec.batch_size, spec.seq_len, rng, bos) for _ in range(2)]
     # No gradient clipping: the high learning rate of from-scratch pre-training is what lets a model
-    # this small memorise facts in a minute.
+    # this small memorise facts in few steps.
     cfg = trainer.FitConfig(epochs=1, lr=spec.lr, warmup_steps=max(1, spec.steps // 20), weight_decay=0.01,
                             grad_accum=1, max_grad_norm=0.0, log_every=50, seed=spec.seed)
     params = dict(model.named_parameters())
     # One thread: float sums reduce in a thread-count-dependent order, and over 1000 steps that
-    # changes which facts a model ends up knowing. Pinned, every machine builds the same bytes, so
-    # the README's numbers reproduce (a 2-thread build moved seed 0's dNFR from -21% to -14%).
+    # changes which facts a model ends up knowing. Pinned, every machine with the same torch build
+    # builds the same bytes, so the README's numbers reproduce.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -231,7 +231,8 @@ def prepare(model: nn.Module, env: Dist, grad_checkpointing: bool) -> nn.Module:
 
 
 def frozen_teacher(model: nn.Module, env: Dist) -> nn.Module:
-    """A teacher: no gradients, eval mode (no dropout), sharded like the student (lesson 6)."""
+    """A teacher: no gradients, eval mode (no dropout), sharded like the student (as torchtune's
+    `_setup_teacher_model`)."""
     model.requires_grad_(False)
     return distributed.shard(model.eval(), env)
 
@@ -249,9 +250,9 @@ def teacher_mode(model: nn.Module, adapter: str) -> Iterator[None]:
         model.train(was_training)
 
 
-# Positions per chunk of logits in the losses: [256, V] fp32 tensors (48 MiB at V = 49152), so
-# the logits stay small next to the activations (bench/RESULTS.md: a 4 x 256-token SmolLM step
-# peaks at 0.89x transformers + PEFT with 256, 0.99x with 1024, i.e. one chunk).
+# Positions per chunk of logits in the losses: [256, V] fp32 tensors, small next to the blocks'
+# activations, and fewer positions than most batches hold, so the logits are split
+# (bench/RESULTS.md compares the peak memory with 256 and 1024).
 CHUNK_SIZE = 256
 
 

@@ -2,7 +2,7 @@
 
 `fit` trains any set of parameters on any loss `(batch) -> (loss_sum, n_tokens)`: AdamW, linear
 warm-up then cosine decay, gradient accumulation with the loss normalised by the number of label
-tokens over micro-batches and ranks (ANCHORS lesson 9), gradient clipping, validation loss after
+tokens over micro-batches and ranks (muscle.py, "Conventions"), gradient clipping, validation loss after
 each epoch with a callback on the best epoch (paper appendix A.1), atomic checkpoints every
 `save_every` steps and every epoch, exact resume, a clean stop on SIGINT/SIGTERM (checkpoint
 first) and on a NaN/infinite loss (nothing updated), tqdm progress and a JSON-lines log.

@@ -27,8 +27,7 @@ RESULTS = ROOT / "bench" / "RESULTS.md"
 CACHE = Path(os.environ.get("MUSCLE_BENCH_CACHE", "/tmp/muscle-bench"))  # random checkpoints, tokenizer
 # Both sides get the same thread count. One by default: on the project's shared 2-core machines
 # other jobs keep the load above 2, and with 2 threads every parallel op then waits for a
-# descheduled thread (measured: one generation run took 29 s with 2 threads, 1.7 s with 1), which
-# buries the comparison in scheduler noise. MUSCLE_BENCH_THREADS=2 on a quiet machine.
+# descheduled thread (bench/RESULTS.md), which buries the comparison in scheduler noise. MUSCLE_BENCH_THREADS=2 on a quiet machine.
 THREADS = int(os.environ.get("MUSCLE_BENCH_THREADS", "1"))
 
 

@@ -15,7 +15,7 @@ AdamW. Weights are random (same shapes as the real models), so nothing is downlo
 with --stack peft the same shapes, rank and targets run as transformers' LlamaForCausalLM (built
 from the config in bf16, SDPA attention) + PEFT's get_peft_model (adapters in fp32, PEFT's
 default), through the same trainer.Trainer step (token-normalised gradients, clipping, AdamW).
-Run ours and peft on the same machine and compare; the compat/task ratio (issue 8's item 2) is
+Run ours and peft on the same machine and compare; the compat/task ratio is
 `--step compat` over `--step task --stack ours`. Each run appends its JSON line to
 bench/RESULTS.md's GPU section.
 

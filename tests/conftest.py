@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# Tiny models run fastest on one thread; with two, the 2-core CI machine spends its time
-# synchronising threads (stage 3 of a tiny run: 2.4 s with one thread, 29.6 s with two).
+# Tiny models run fastest on one thread; with two, a busy 2-core CI machine spends its time
+# waiting for descheduled threads at every parallel op.
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent

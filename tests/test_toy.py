@@ -192,7 +192,7 @@ def test_unknown_names_raise_clear_errors(monkeypatch):
 # ---------------------------------------------------------------- the README's first command, smaller
 def test_first_command_end_to_end_on_micro_models(micro_env, tmp_path, capsys):
     """`train.py @configs/toy-mc.args` on the micro models and a slice of the task: every stage
-    writes its outputs and the report has every field (issue 7's end-to-end test)."""
+    writes its outputs and the report has every field."""
     import train
 
     out = tmp_path / "run"

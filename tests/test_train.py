@@ -25,7 +25,7 @@ from distributed import Dist
 from fake_hub import write_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
-# Tiny models: one thread is ~10x faster than two on a busy 2-core machine (no spin-waiting).
+# Tiny models: one thread, so that a busy 2-core machine does not wait for descheduled threads.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 CORPUS = ["the quick brown fox jumps over the lazy dog", "to open a jar, twist the lid",
           "use a towel to dry the dishes", "Goal: clean a shoe. Solution: brush it"] * 20
