@@ -44,6 +44,7 @@ import data
 import distributed
 import eval as evaluation
 import files
+import lock
 import lora
 import models
 import muscle
@@ -434,7 +435,7 @@ def check_run_config(out: Path, args: argparse.Namespace, env: Dist) -> None:
     config = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_CONFIG}
     path = out / RUN_CONFIG
     saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    if saved is None and out.is_dir() and any(out.iterdir()):
+    if saved is None and out.is_dir() and any(p.name != lock.NAME for p in out.iterdir()):
         raise ValueError(f"--out {out} is not empty and holds no {RUN_CONFIG}, so it is not a run "
                          f"of train.py; choose another --out (nothing was deleted)")
     diff = {k for k in set(config) | set(saved or {}) if (saved or config).get(k) != config.get(k)}
@@ -445,8 +446,10 @@ def check_run_config(out: Path, args: argparse.Namespace, env: Dist) -> None:
                          f"--overwrite to delete it and start over")
     distributed.barrier(env)  # every rank has read the old config before rank 0 changes it
     if env.main:
-        if saved is not None and args.overwrite:
-            shutil.rmtree(out)
+        if saved is not None and args.overwrite:  # everything but the lock this process holds
+            for entry in out.iterdir():
+                if entry.name != lock.NAME:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         files.write_text_atomic(path, json.dumps(config, indent=1) + "\n")
     distributed.barrier(env)
 
@@ -459,7 +462,29 @@ def run(args: argparse.Namespace, env: Dist) -> None:
     stages = [1, 2, 3, 4] if args.stage == "all" else [int(args.stage)]
     if 4 in stages:
         check_eval_data(args)
-    check_run_config(out, args, env)
+    with hold_lock(out, env):
+        check_run_config(out, args, env)
+        run_stages(args, env, out, stages)
+
+
+@contextlib.contextmanager
+def hold_lock(out: Path, env: Dist) -> Iterator[None]:
+    """Rank 0 holds --out's lock (lock.py) for the whole run; every rank stops when it cannot."""
+    error = None
+    with contextlib.ExitStack() as stack:
+        if env.main:
+            try:
+                stack.enter_context(lock.hold(out))
+            except ValueError as e:
+                error = e
+        if distributed.all_reduce_sum([float(error is not None)], env)[0]:
+            raise error or ValueError(f"--out {out} is in use by another run (rank 0 names it)")
+        yield
+
+
+def run_stages(args: argparse.Namespace, env: Dist, out: Path, stages: list[int]) -> None:
+    """The stages asked for, in order; a stage with a DONE file is skipped."""
+    td = None
     for stage in stages:
         if (stage_dir(out, stage) / DONE).is_file():
             if env.main:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -155,7 +156,7 @@ class Trainer:
 
     def restore(self) -> bool:
         """Load the latest checkpoint if there is one (all ranks read it)."""
-        found = checkpoint.load(self.run_dir / "checkpoint")
+        found = checkpoint.load(self.run_dir / "checkpoint", note=self.note)
         if found is None:
             return False
         tensors, self.state = found
@@ -215,6 +216,10 @@ class Trainer:
             loss_sum, tokens = loss_sum + loss.item(), tokens + n
         loss_sum, tokens = distributed.all_reduce_sum([loss_sum, float(tokens)], self.env)
         return loss_sum / max(tokens, 1)
+
+    def note(self, message: str) -> None:
+        if self.env.main:
+            print(message, file=sys.stderr)
 
     def log(self, record: dict) -> None:
         if self.env.main:

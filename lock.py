@@ -1,0 +1,91 @@
+"""One process per run directory: a lock file that names its holder.
+
+Two train.py processes on one --out would write each other's checkpoints and logs. `hold(dir)`
+creates dir/.lock holding the pid, host and start time of the process, atomically (a complete
+file is hard-linked into place, which fails if one exists), and removes it on exit. A second
+process is refused with the holder's name. A lock whose process is gone (SIGKILL, power loss:
+same host, no such pid) is stale and taken over, with a note.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+NAME = ".lock"
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the lock's process may still run: always, when it runs on another host."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user
+        return True
+    return True
+
+
+def _holder(path: Path) -> dict | None:
+    """The lock file's content, or None when it is gone or unreadable."""
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+
+
+def _acquire(directory: Path, flag: str) -> Path:
+    path = directory / NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)[:300]}
+    tmp = directory / f"{NAME}.{os.getpid()}"
+    tmp.write_text(json.dumps(me) + "\n", encoding="utf-8")
+    try:
+        while True:
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                holder = _holder(path)
+                if holder is not None and _alive(holder):
+                    raise ValueError(
+                        f"{flag} {directory} is in use by pid {holder['pid']} on {holder.get('host')} since "
+                        f"{holder.get('since')} ({path}); wait for that run to end or stop it, or choose "
+                        f"another {flag}. If no such process runs any more, delete {path}") from None
+                if holder is not None:
+                    print(f"note: taking over the lock {path} of pid {holder['pid']}, which no longer "
+                          f"runs", file=sys.stderr)
+                path.unlink(missing_ok=True)  # stale: retry (another process may win the race)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def hold(directory: str | os.PathLike, flag: str = "--out") -> Iterator[Path]:
+    """Hold the lock of `directory` (created if missing; removed again if it is left empty)."""
+    directory = Path(directory)
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        path = _acquire(directory, flag)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+    try:
+        yield path
+    finally:
+        if (_holder(path) or {}).get("pid") == os.getpid():
+            path.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the run's files stay
+                directory.rmdir()

@@ -1,0 +1,115 @@
+"""A run directory's safety: one process per --out (lock.py), a damaged checkpoint passed over
+for the one before it, stage 4 resumed with flags that do not change training."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint
+import lock
+import train
+import trainer
+from test_reliability import assert_one_line_error
+from test_train import FIT, quadratic_problem, read_log, tiny_flags, tiny_models  # noqa: F401 (fixture)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def write_lock(directory, pid: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / lock.NAME).write_text(json.dumps({"pid": pid, "host": socket.gethostname(),
+                                                   "since": "2026-01-01 00:00:00 UTC"}))
+
+
+def test_a_held_lock_refuses_a_second_holder_and_names_it(tmp_path):
+    with lock.hold(tmp_path / "run") as path:
+        holder = json.loads(path.read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        with pytest.raises(ValueError) as info:
+            with lock.hold(tmp_path / "run"):
+                pass
+        assert str(info.value).startswith(f"--out {tmp_path / 'run'} is in use by pid {os.getpid()} on "
+                                          f"{socket.gethostname()} since {holder['since']} ({path}); wait for "
+                                          f"that run to end or stop it, or choose another --out")
+        assert path.is_file()  # the refused holder did not remove the holder's lock
+    assert not (tmp_path / "run").exists()  # created for the lock and left empty: removed
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
+    pid = dead_pid()
+    write_lock(tmp_path, pid)
+    (tmp_path / "kept.txt").write_text("run files")
+    with lock.hold(tmp_path) as path:
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert f"note: taking over the lock {tmp_path / lock.NAME} of pid {pid}, which no longer runs" in \
+        capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.txt"]
+
+
+def test_train_on_an_out_in_use_is_refused_then_runs_once_the_holder_is_gone(tiny_models, data_dir, tmp_path,
+                                                                              capsys):
+    out = tmp_path / "run"
+    flags = tiny_flags(*tiny_models, data_dir, out, "--stage", "1", "--max-steps", "2")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_lock(out, holder.pid)
+        assert train.main(flags) == 2
+        assert_one_line_error(capsys.readouterr().err, f"--out {out} is in use by pid {holder.pid} on "
+                              f"{socket.gethostname()} since 2026-01-01 00:00:00 UTC")
+        assert sorted(p.name for p in out.iterdir()) == [lock.NAME]  # nothing written beside it
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train.main(flags) == 0
+    assert (out / train.STAGES[1] / "DONE").is_file() and not (out / lock.NAME).exists()
+    assert train.main([*flags, "--lr", "1e-3", "--overwrite"]) == 0  # --overwrite under the lock
+    assert json.loads((out / train.RUN_CONFIG).read_text())["lr"] == 1e-3 and not (out / lock.NAME).exists()
+
+
+def test_an_unreadable_checkpoint_is_passed_over_for_the_one_before(tmp_path):
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, {"w": torch.full((2,), float(step))}, {"step": step})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000001", "ckpt-000002"]
+    tensors_file = tmp_path / "ckpt-000002" / checkpoint.TENSORS
+    tensors_file.write_bytes(tensors_file.read_bytes()[:40])  # cut short
+    notes = []
+    tensors, state = checkpoint.load(tmp_path, note=notes.append)
+    assert state == {"step": 2} and tensors["w"].tolist() == [2.0, 2.0]
+    assert len(notes) == 1 and notes[0].startswith(f"warning: unreadable checkpoint {tmp_path / 'ckpt-000002'} (")
+    assert notes[0].endswith(f"resuming from the one before it, {tmp_path / 'ckpt-000001'} (step 2)")
+    assert checkpoint.save(tmp_path, {"w": torch.zeros(2)}, {"step": 3}).name == "ckpt-000003"
+    (tmp_path / "ckpt-000003" / checkpoint.STATE).write_text('{"step": ')
+    tensors_file.unlink()
+    notes.clear()
+    assert checkpoint.load(tmp_path, note=notes.append) is None
+    assert notes[0].startswith(f"warning: no readable checkpoint in {tmp_path} (") and \
+        notes[0].endswith("the stage starts over")
+
+
+def test_resume_after_a_damaged_checkpoint_equals_an_uninterrupted_run(tmp_path, capsys):
+    model, loss_fn, batches, val = quadratic_problem()
+    trainer.fit(model, dict(model.named_parameters()), loss_fn, batches, val, FIT, tmp_path / "a")
+    reference = model.weight.detach().clone()
+
+    model, loss_fn, batches, val = quadratic_problem(signal_at=7)  # during step 4
+    with pytest.raises(trainer.Interrupted, match="interrupted at step 4"):
+        trainer.fit(model, dict(model.named_parameters()), loss_fn, batches, val, FIT, tmp_path / "b")
+    root = tmp_path / "b" / "checkpoint"
+    newest = sorted(root.iterdir())[-1]
+    (newest / checkpoint.TENSORS).write_bytes(b"\0" * 16)
+    model, loss_fn, batches, val = quadratic_problem()
+    result = trainer.fit(model, dict(model.named_parameters()), loss_fn, batches, val, FIT, tmp_path / "b")
+    err = capsys.readouterr().err
+    assert f"warning: unreadable checkpoint {newest}" in err and "(step 3)" in err
+    assert result.steps == 6
+    torch.testing.assert_close(model.weight.detach(), reference, rtol=0, atol=0)
+    assert [r["step"] for r in read_log(tmp_path / "b" / "log.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
