@@ -1,7 +1,10 @@
-"""`python eval.py compare OLD NEW [COMPAT] [--out DIR]`: the compatibility report on the command line.
+"""`python eval.py compare OLD NEW [COMPAT]`: the compatibility report of a model update.
 
-Reads two or three predictions files (predictions.py), prints the report (report.py) and, with
---out, writes report.json, report.md and report.png. No torch, so comparing is quick anywhere.
+Reads two or three predictions files, eval.py's or lm-evaluation-harness sample files or a mix
+(predictions.py), picks the metric (`--metric`, default the task's first metric: acc for
+multiple choice, exact_match under strict-match for GSM8K, the score for summaries), prints the
+report (report.py) and, with --out, writes report.json, report.md and report.png. No torch, so
+comparing is quick anywhere.
 """
 from __future__ import annotations
 
@@ -14,26 +17,48 @@ import predictions
 import report
 
 
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="eval.py compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Compatibility report of a model update (MUSCLE section 3). Each file is eval.py's "
+                    "predictions JSONL or an lm-eval --log_samples file (samples_<task>_<date>.jsonl).")
+    parser.add_argument("old", help="predictions of the old model (M1)")
+    parser.add_argument("new", help="predictions of the new model (M2)")
+    parser.add_argument("compat", nargs="?", help="predictions of the compatibility model (Mc)")
+    parser.add_argument("--metric", default=None,
+                        help="metric of the records, NAME or NAME,FILTER as the harness names them (acc, "
+                             "acc_norm, exact_match,flexible-extract, score, ...). None: the task's first "
+                             "metric (acc; exact_match,strict-match; score)")
+    parser.add_argument("--out", default=None,
+                        help="directory for report.json, report.md, report.png (None: print only)")
+    return parser.parse_args(argv)
+
+
+def build(paths: dict[str, str], metric: str | None) -> dict:
+    """The report of the runs in `paths` (role -> file) under `metric`."""
+    names = {role: f"{role} ({path})" for role, path in paths.items()}
+    runs = {role: predictions.read_run(path) for role, path in paths.items()}
+    predictions.check_tasks(runs, names)
+    key = predictions.resolve_metric(runs["old"], metric, names["old"])
+    runs = predictions.with_metric(runs, key, names)
+    return report.compatibility_report(**runs, sources=paths, metric=key)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: print the compatibility table; with --out DIR also write report.json/.md/.png there.
 
-    Without --out nothing is written, so that comparing never overwrites an earlier report.
+    Without --out nothing is written, so that comparing never overwrites an earlier report. A bad
+    input ends with one `error:` line naming the file and the fix, exit status 2.
     """
-    parser = argparse.ArgumentParser(prog="eval.py compare",
-                                     description="Compatibility report of a model update (MUSCLE section 3).")
-    parser.add_argument("old", help="predictions JSONL of the old model (M1)")
-    parser.add_argument("new", help="predictions JSONL of the new model (M2)")
-    parser.add_argument("compat", nargs="?", help="predictions JSONL of the compatibility model (Mc)")
-    parser.add_argument("--out", help="directory for report.json, report.md, report.png (default: print only)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     paths = {role: getattr(args, role) for role in predictions.ROLES if getattr(args, role)}
     try:
         if args.out is not None:
             files.check_writable(args.out, "--out", is_dir=True)
-        runs = {role: predictions.read_predictions(path) for role, path in paths.items()}
-        result = report.compatibility_report(**runs, sources=paths)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
+        result = build(paths, args.metric)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(report.format_report_text(result))
     if args.out is None:
         print("(pass --out DIR to write report.json, report.md and report.png)")

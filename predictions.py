@@ -1,19 +1,28 @@
-"""Predictions files: reading them, checking their records, matching instances across models.
+"""Predictions files: reading them, choosing the metric, matching instances across models.
 
-A predictions file is JSON Lines, one record per instance, with at least `id`, `task` and
-`prediction`, and `correct` (bool, where defined) and `score` (float) for the report. The
-compatibility metrics compare models instance by instance, so the runs of one report must hold
-the same task and the same ids; `align` refuses anything else rather than compare mismatched
-instances. No torch.
+Two formats are read, and may be mixed in one comparison:
+- eval.py's JSON Lines, one record per instance with at least `id`, `task` and `prediction`,
+  and `correct` (bool, where defined) and `score` (float);
+- lm-evaluation-harness sample files (harness.py).
+`read_run` gives both as records with `metrics` (name -> value, named as the harness names
+them: "acc,none", "exact_match,strict-match"), `outputs` (metric -> the prediction it scores,
+where that is not `prediction`), `line` (where the record starts) and `doc` (the
+document's position in the evaluated split, where known). The compatibility metrics compare
+models instance by instance, so `align` refuses runs of different tasks or documents rather
+than compare mismatched instances. No torch.
 """
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+import harness
+
 ROLES = ("old", "new", "compat")
+_POSITION = re.compile(r"/(\d+)$")  # eval.py's ids end with the item's position: "piqa/validation/17"
 
 
 def check_record(record: Any, where: str) -> None:
@@ -23,58 +32,185 @@ def check_record(record: Any, where: str) -> None:
     missing = [key for key in ("id", "task", "prediction") if key not in record]
     if missing:
         raise ValueError(f"{where}: prediction record lacks {missing} (eval.py writes id, task, "
-                         "prediction, correct, score)")
+                         "prediction, correct, score; lm-eval --log_samples writes doc_id, doc_hash, ...)")
     if not isinstance(record["id"], (str, int)):
         raise ValueError(f"{where}: id must be a string or an integer, got {record['id']!r}")
 
 
-def read_predictions(path: str | Path) -> list[dict]:
-    """The prediction records of a JSON Lines file written by eval.py (blank lines skipped)."""
+def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"predictions file not found: {path} (eval.py writes one per model)")
-    records = []
+        raise FileNotFoundError(f"predictions file not found: {path} (eval.py writes one per model; "
+                                "lm-eval --log_samples writes samples_<task>_<date>.jsonl)")
+    return path
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed JSON) of every non-blank line; a line that is not JSON is an error."""
+    parsed = []
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                parsed.append((number, json.loads(line)))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}); "
-                                 "each line must be one prediction record") from None
-            check_record(record, f"{path}:{number}")
-            records.append(record)
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}); each line must be one "
+                                 "prediction record") from None
+    return parsed
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    """The prediction records of a JSON Lines file written by eval.py, as written (blank lines skipped)."""
+    path = _existing(path)
+    records = []
+    for number, record in _read_jsonl(path):
+        check_record(record, f"{path}:{number}")
+        records.append(record)
     return records
 
 
-def _index(records: Sequence[dict], name: str) -> dict:
-    """id -> record for one predictions file, checking it is non-empty, of one task, ids unique."""
+def metric_values(record: dict) -> dict[str, float]:
+    """An eval.py record's metrics under the harness's names; the first is the task's own metric.
+
+    Multiple choice: `correct` is acc, `correct_norm` acc_norm. Exact match: `correct` is the
+    strict-match filter, `correct_flexible` flexible-extract. `score` (ROUGE-1 for summaries) is
+    "score,none". A record read by `read_run` carries them already.
+    """
+    if "metrics" in record:
+        return record["metrics"]
+    names = {"correct": "acc,none", "correct_norm": "acc_norm,none"}
+    if "correct_flexible" in record:
+        names = {"correct": "exact_match,strict-match", "correct_flexible": "exact_match,flexible-extract"}
+    values = {name: float(record[key]) for key, name in names.items() if isinstance(record.get(key), bool)}
+    score = record.get("score")
+    if isinstance(score, (int, float)) and not isinstance(score, bool):
+        values["score,none"] = float(score)
+    return values
+
+
+def _own_record(record: dict, number: int) -> dict:
+    position = _POSITION.search(record["id"]) if isinstance(record["id"], str) else None
+    outputs = {"acc_norm,none": record["acc_norm_prediction"]} if "acc_norm_prediction" in record else {}
+    return {**record, "metrics": metric_values(record), "outputs": outputs, "line": number,
+            "doc": int(position[1]) if position else None}
+
+
+def read_run(path: str | Path) -> list[dict]:
+    """The records of one predictions file of either format, with `metrics`, `line` and `doc`."""
+    path = _existing(path)
+    lines = _read_jsonl(path)
+    if not lines:
+        raise ValueError(f"{path}: empty file, no records: evaluate the model again (eval.py --out "
+                         "FILE, or lm-eval --log_samples)")
+    if harness.is_sample_line(lines[0][1]):
+        return [{**record, "doc": record["id"]} for record in harness.read_samples(path, lines)]
+    for number, record in lines:
+        check_record(record, f"{path}:{number}")
+    return [_own_record(record, number) for number, record in lines]
+
+
+def resolve_metric(records: Sequence[dict], metric: str | None, name: str) -> str:
+    """The full "metric,filter" key that `metric` names in the first record (None: its first metric;
+    "acc": the first filter that has acc)."""
+    available = list(metric_values(records[0]))
+    where = f"{name}, line {records[0]['line']}" if "line" in records[0] else name
+    if not available:
+        raise ValueError(f"{where}: the record has no numeric metric (no boolean `correct`, no `score`)")
+    if metric is None:
+        return available[0]
+    matches = [key for key in available if key == metric or key.split(",")[0] == metric]
+    if not matches:
+        raise ValueError(f"{where}: no metric {metric!r} in the records (they have {', '.join(available)}); "
+                         "pass --metric with one of those")
+    return matches[0]
+
+
+def with_metric(runs: dict[str, Sequence[dict]], metric: str, names: dict[str, str]) -> dict[str, list[dict]]:
+    """The runs with `correct`, `score` and `prediction` taken from `metric`: `score` its value,
+    `correct` whether it is 1 when every value of every run is 0 or 1 (a discrete metric), else
+    None, and `prediction` the output that metric scores (acc_norm's choice for acc_norm)."""
+    for role, records in runs.items():
+        lacking = next((r for r in records if metric not in metric_values(r)), None)
+        if lacking is not None:
+            where = f"{names[role]}, line {lacking.get('line', '?')} (id {lacking['id']!r})"
+            raise ValueError(f"{where}: no metric {metric!r} (it has {', '.join(metric_values(lacking))}); "
+                             "pass --metric with a metric every file has")
+    values = {role: [metric_values(r)[metric] for r in records] for role, records in runs.items()}
+    discrete = all(v in (0.0, 1.0) for vs in values.values() for v in vs)
+    return {role: [{**r, "score": v, "correct": v == 1.0 if discrete else None,
+                    "prediction": r.get("outputs", {}).get(metric, r["prediction"])} for r, v in zip(records, vs)]
+            for (role, records), vs in zip(runs.items(), values.values())}
+
+
+def _key(run_formats: set[bool]) -> str:
+    """Match by id within one format; across formats by the document's position in the split."""
+    return "id" if len(run_formats) == 1 else "doc"
+
+
+def _index(records: Sequence[dict], name: str, key: str) -> dict:
+    """key -> record for one run, checking it is non-empty, of one task, keys unique and known."""
     if not records:
         raise ValueError(f"{name}: no prediction records (empty input)")
     for number, record in enumerate(records, 1):
         check_record(record, f"{name} record {number}")
-    duplicates = [i for i, count in Counter(r["id"] for r in records).items() if count > 1]
+        if record.get(key) is None:
+            raise ValueError(f"{name}, id {record['id']!r}: comparing eval.py records with harness samples "
+                             "matches them by the item's position in the split, and this id does not end "
+                             "with one (eval.py writes '<task>/<split>/<position>'); compare files of one format")
+    duplicates = [i for i, count in Counter(r[key] for r in records).items() if count > 1]
     if duplicates:
-        raise ValueError(f"{name}: {len(duplicates)} ids appear more than once, e.g. {duplicates[:3]}; "
-                         "each instance must be predicted once")
-    tasks = sorted({str(r["task"]) for r in records})
-    if len(tasks) > 1:
-        raise ValueError(f"{name}: records of several tasks {tasks}; compare one task at a time")
-    return {r["id"]: r for r in records}
+        first = next(r for r in records if r[key] == duplicates[0])
+        where = f", line {first['line']}" if "line" in first else ""
+        raise ValueError(f"{name}{where}: {len(duplicates)} ids appear more than once, e.g. {duplicates[:3]}; "
+                         "each instance must be predicted once: keep one record per id")
+    return {r[key]: r for r in records}
+
+
+def check_tasks(runs: dict[str, Sequence[dict]], names: dict[str, str]) -> None:
+    """Refuse a run of several tasks, or runs of different tasks (a renamed harness file, of
+    task None, matches any)."""
+    tasks = {}
+    for role, records in runs.items():
+        found = sorted({str(r["task"]) for r in records if r.get("task") is not None})
+        if len(found) > 1:
+            raise ValueError(f"{names[role]}: records of several tasks {found}; compare one task at a time")
+        tasks[role] = found[0] if found else None
+    for role, task in tasks.items():
+        if None not in (task, tasks["old"]) and task != tasks["old"]:
+            raise ValueError(f"{names[role]} holds task {task!r} but {names['old']} holds "
+                             f"{tasks['old']!r}: compare predictions of the same task")
+
+
+def _same_document(old: dict, other: dict) -> bool:
+    """doc_hash where both runs come from the harness, else the gold answer (eval.py's `gold` or
+    `reference`, the harness's `target`)."""
+    if "doc_hash" in old and "doc_hash" in other:
+        return old["doc_hash"] == other["doc_hash"]
+    gold = [str(r.get("gold", r.get("reference"))) for r in (old, other)]
+    return gold[0] == gold[1]
+
+
+def _check_documents(old: list[dict], other: list[dict], names: tuple[str, str]) -> None:
+    """Refuse, naming the first mismatch, when two runs' matched records are not the same documents."""
+    for a, b in zip(old, other):
+        if not _same_document(a, b):
+            what = ("doc_hash " + a["doc_hash"][:12] + "... vs " + b["doc_hash"][:12] + "..."
+                    if "doc_hash" in a and "doc_hash" in b
+                    else f"gold {a.get('gold', a.get('reference'))!r:.40} vs {b.get('gold', b.get('reference'))!r:.40}")
+            raise ValueError(f"{names[0]}, line {a.get('line', '?')} and {names[1]}, line {b.get('line', '?')} "
+                             f"(id {a['id']!r}) are different documents ({what}): the files were not made "
+                             "on the same task data; evaluate both models on the same split")
 
 
 def align(runs: dict[str, Sequence[dict]], names: dict[str, str]) -> dict[str, list[dict]]:
     """The records of every run (role -> records), in the old run's order; the same task and the
-    same ids everywhere. `names` (role -> label) names the runs in error messages."""
-    indexes = {role: _index(records, names[role]) for role, records in runs.items()}
+    same documents everywhere. `names` (role -> label) names the runs in error messages."""
+    key = _key({"doc_hash" in records[0] for records in runs.values() if records})
+    indexes = {role: _index(records, names[role], key) for role, records in runs.items()}
+    check_tasks(runs, names)
     old = indexes["old"]
-    task = next(iter(old.values()))["task"]
     for role, index in indexes.items():
-        other_task = next(iter(index.values()))["task"]
-        if other_task != task:
-            raise ValueError(f"{names[role]} holds task {other_task!r} but {names['old']} holds "
-                             f"{task!r}: compare predictions of the same task")
         only_old = [i for i in old if i not in index]
         only_here = [i for i in index if i not in old]
         if only_old or only_here:
@@ -82,4 +218,7 @@ def align(runs: dict[str, Sequence[dict]], names: dict[str, str]) -> dict[str, l
                 f"{names['old']} has {len(old)} records and {names[role]} has {len(index)}: "
                 f"{len(only_old)} ids only in old (e.g. {only_old[:3]}), {len(only_here)} only in "
                 f"{role} (e.g. {only_here[:3]}); compare predictions of the same instances")
-    return {role: [index[i] for i in old] for role, index in indexes.items()}
+    aligned = {role: [index[i] for i in old] for role, index in indexes.items()}
+    for role in aligned:
+        _check_documents(aligned["old"], aligned[role], (names["old"], names[role]))
+    return aligned

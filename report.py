@@ -49,13 +49,14 @@ def _pair(kind: str, old: list, other: list, old_out: list, other_out: list) -> 
 
 
 def compatibility_report(old: Sequence[dict], new: Sequence[dict], compat: Sequence[dict] | None = None,
-                         sources: dict[str, str] | None = None) -> dict:
+                         sources: dict[str, str] | None = None, metric: str | None = None) -> dict:
     """The report.json content for an update old -> new and, if given, old -> compat.
 
-    Records are matched by `id`. The report is "discrete" when every record has a boolean
+    Records are matched by `id` (predictions.align). The report is "discrete" when every record has a boolean
     `correct` (accuracy, NFR, PFR, BTC, NFR_ext, flips, quadrant counts) and "continuous"
     otherwise (mean `score`, gain/regression rates and expectations, per-instance scores for the
-    scatter plot). `sources` (role -> file name) only labels error messages and the report.
+    scatter plot). `sources` (role -> file name) and `metric` (the metric `correct` and `score`
+    come from) only label error messages and the report.
     """
     runs = {"old": old, "new": new, **({"compat": compat} if compat is not None else {})}
     names = {role: f"{role} ({sources[role]})" if sources and role in sources else role for role in runs}
@@ -66,6 +67,8 @@ def compatibility_report(old: Sequence[dict], new: Sequence[dict], compat: Seque
               for role, rows in aligned.items()}
     outputs = {role: [r["prediction"] for r in rows] for role, rows in aligned.items()}
     report: dict[str, Any] = {"task": aligned["old"][0]["task"], "n": len(aligned["old"]), "kind": kind}
+    if metric:
+        report["metric"] = metric
     if sources:
         report["sources"] = {role: str(sources[role]) for role in runs if role in sources}
     report["models"] = {role: {_LEVEL[kind]: float(np.mean(v))} for role, v in values.items()}
@@ -143,7 +146,8 @@ def _main_table(report: dict) -> list[str]:
 def format_report_md(report: dict) -> str:
     """The report as markdown: main table, quadrant counts (discrete), every metric with its relative change."""
     kind, pairs = report["kind"], report["pairs"]
-    lines = [f"## Compatibility report: {report['task']} ({kind}, N = {report['n']})", ""]
+    metric = f", {report['metric']}" if "metric" in report else ""
+    lines = [f"## Compatibility report: {report['task']} ({kind}{metric}, N = {report['n']})", ""]
     sources = [f"- {role}: {path}" for role, path in report.get("sources", {}).items()]
     lines += [*sources, *([""] if sources else []), *_main_table(report), "", _LEGEND[kind], ""]
     if kind == "discrete":

@@ -98,15 +98,33 @@ def test_continuous_records_need_scores():
         r.compatibility_report(score_records(OLD_S), new)
 
 
-def test_compare_reports_bad_files_with_their_location(tmp_path, capsys):
+def _error(argv, capsys) -> str:
+    """The one `error:` line (exit status 2) of a compare that must refuse its input."""
+    assert compare.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_compare_refuses_bad_files_in_one_line_naming_file_and_line(tmp_path, capsys):
     old = write_jsonl(tmp_path / "old.jsonl", records(OLD))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(records(NEW)[0]) + "\n{not json\n")
-    for argv, message in [([old, str(tmp_path / "missing.jsonl")], "predictions file not found"),
-                          ([old, str(bad)], f"{bad}:2: not valid JSON")]:
-        with pytest.raises(SystemExit) as exit_info:
-            compare.main(argv)
-        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert "predictions file not found" in _error([old, tmp_path / "missing.jsonl"], capsys)
+    assert f"{bad}:2: not valid JSON" in _error([old, bad], capsys)
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    assert f"{empty}: empty file, no records: evaluate the model again" in _error([old, empty], capsys)
+    twice = write_jsonl(tmp_path / "twice.jsonl", records(NEW) + records(NEW)[3:4])
+    assert f"new ({twice}), line 4: 1 ids appear more than once, e.g. ['q3']" in _error([old, twice], capsys)
+    other_task = write_jsonl(tmp_path / "hellaswag.jsonl", records(NEW, task="hellaswag"))
+    assert f"new ({other_task}) holds task 'hellaswag' but old ({old}) holds 'piqa'" in _error([old, other_task], capsys)
+    assert (f"old ({old}), line 1: no metric 'acc_norm' in the records (they have acc,none, score,none); "
+            "pass --metric with one of those") in _error([old, old, "--metric", "acc_norm"], capsys)
+    shifted = [dict(r, gold=1) if r["id"] == "q2" else dict(r, gold=GOLD[i]) for i, r in enumerate(records(NEW))]
+    gold = write_jsonl(tmp_path / "gold.jsonl", [dict(r, gold=GOLD[i]) for i, r in enumerate(records(OLD))])
+    other_docs = write_jsonl(tmp_path / "other_docs.jsonl", shifted)
+    assert (f"old ({gold}), line 3 and new ({other_docs}), line 3 (id 'q2') are different documents (gold 0 vs 1)"
+            in _error([gold, other_docs], capsys))
 
 
 def test_write_report_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
