@@ -66,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         written = report.write_report(result, args.out)
     except OSError as error:
-        parser.error(f"cannot write the report to --out {args.out}: {error.strerror or error}")
+        print(f"error: cannot write the report to --out {args.out}: {error.strerror or error}", file=sys.stderr)
+        return 2
     print("wrote " + ", ".join(str(p) for p in written))
     if not any(p.suffix == ".png" for p in written):
         print(report.PNG_HINT)
