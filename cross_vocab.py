@@ -31,6 +31,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+import align
 import muscle
 from tokenizer import Tokenizer
 
@@ -105,7 +106,7 @@ def read_up_to(ids: list[int], spans: list[Span], bos_id: int | None) -> list[in
     return out
 
 
-def align(new_read: list[int | None], old_read: list[int | None]) -> list[int]:
+def match_positions(new_read: list[int | None], old_read: list[int | None]) -> list[int]:
     """For each new position, the old position that has read the same characters, else -1.
 
     When several old positions have read the same prefix (a token writing no character, such
@@ -141,7 +142,18 @@ def encode_aligned(new: Tokenizer, old: Tokenizer, text: str, new_ids: list[int]
         before = sum(1 for start, _ in spans_o[bos_o:] if start < first_char)
         ids_o, read_o = _cut_left(ids_o, read_o, bos_o, before)
     ids_o, read_o = _cut_left(ids_o, read_o, bos_o, max(0, len(ids_o) - max_len))
-    return ids_o, align(read_n, read_o)
+    return ids_o, match_positions(read_n, read_o)
+
+
+def teacher_tokens(new: Tokenizer, old: Tokenizer, pairs: Sequence[Sequence[tuple[str, str]]],
+                   examples: Sequence[Sequence[tuple[list[int], list[int]]]],
+                   max_len: int) -> align.TeacherTokens:
+    """M1's tokens of the (train, val) examples, aligned by text to the student's (train, val)
+    `examples` of the same (context, target) `pairs`, in stage 3's batch layout (align.py)."""
+    rows = [[encode_aligned(new, old, context + target, ids, max_len)
+             for (context, target), (ids, _) in zip(part_pairs, part)]
+            for part_pairs, part in zip(pairs, examples)]
+    return align.TeacherTokens(rows[0], rows[1], old.pad_id)
 
 
 def _has_bos(tok: Tokenizer, ids: list[int]) -> int:
@@ -288,3 +300,11 @@ class Coverage:
         tokens, aligned = max(n["tokens"], 1), max(n["aligned"], 1)
         return {"aligned": n["aligned"] / tokens, "mapped_mass": n["mapped_mass"] / aligned,
                 "followed_old": n["follow_old"] / tokens, "unaligned_asked_old": n["unaligned"] / tokens}
+
+    @staticmethod
+    def describe(shares: dict[str, float]) -> str:
+        """One line for the log: what the shares mean."""
+        return (f"stage 3 across vocabularies: {shares['aligned']:.1%} of label tokens aligned with "
+                f"an M1 position, {shares['mapped_mass']:.1%} of M1's mass mapped there (mean, at "
+                f"the distillation temperature); {shares['followed_old']:.1%} followed M1, "
+                f"{shares['unaligned_asked_old']:.1%} followed M2 for want of an aligned position")

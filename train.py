@@ -40,6 +40,7 @@ from torch import nn
 
 import align
 import cli
+import cross_vocab
 import data
 import distributed
 import eval as evaluation
@@ -123,11 +124,12 @@ class TaskData:
         return self._batches("val", groups, env, len(self.train))
 
 
-def task_data(args: argparse.Namespace, stage: int, env: Dist) -> TaskData:
+def task_data(args: argparse.Namespace, stage: int, env: Dist, cross: bool = False) -> TaskData:
     """The paper's seeded 80/20 train/validation split of the task's training set, tokenised
     (loss on context and answer, appendix A.1; long contexts truncated from the left) by the
     stage's own model: --old's tokenizer for stage 1, the student's (--new's) for stages 2 and
-    3. Stage 3 also holds M1's own tokens of the same examples where they differ (align.py)."""
+    3. Stage 3 also holds M1's own tokens of the same examples where they differ (align.py), or,
+    across two vocabularies (`cross`), aligned by text (cross_vocab.teacher_tokens)."""
     items = data.load_task(args.task, "train", args.data_dir)[:args.limit_train]
     pairs = [[data.training_pair(args.task, it) for it in part]
              for part in data.split_train_val(items, seed=args.seed, frac=0.8)]
@@ -141,8 +143,12 @@ def task_data(args: argparse.Namespace, stage: int, env: Dist) -> TaskData:
     teacher = None
     if stage == 3:
         old_tokenizer = models.load_tokenizer(args.old)
-        old_examples = [data.encode_pairs(old_tokenizer, part, args.max_len)[0] for part in pairs]
-        teacher = align.teacher_tokens(examples, old_examples, old_tokenizer.pad_id)
+        if cross:
+            teacher = cross_vocab.teacher_tokens(tokenizer, old_tokenizer, pairs, examples,
+                                                 args.max_len)
+        else:
+            old_examples = [data.encode_pairs(old_tokenizer, part, args.max_len)[0] for part in pairs]
+            teacher = align.teacher_tokens(examples, old_examples, old_tokenizer.pad_id)
     return TaskData(examples[0], examples[1], tokenizer.pad_id, teacher)
 
 
@@ -174,6 +180,10 @@ def fetch_models(args: argparse.Namespace, env: Dist) -> None:
             models.resolve(name, local_only=True)
 
 
+class VocabularyMismatch(ValueError):
+    """--old and --new do not share one vocabulary."""
+
+
 def check_same_vocab(old: str, new: str) -> None:
     """MUSCLE compares the two models' distributions token by token (paper eq. 1), so both must
     share one vocabulary: the same piece under every id, special and added tokens included,
@@ -188,11 +198,25 @@ def check_same_vocab(old: str, new: str) -> None:
         extra = max(vocabs, key=len)[n:n + 3]
         differing = [f"id {n + j}: {piece!r} in one only" for j, piece in enumerate(extra)]
     if sizes[0] != sizes[1] or differing:
-        raise ValueError(
+        raise VocabularyMismatch(
             f"--old {old} and --new {new} do not share a vocabulary (model vocab_size {sizes[0]} vs "
             f"{sizes[1]}, tokenizer sizes {len(vocabs[0])} vs {len(vocabs[1])}; first differing "
             f"pieces: {'; '.join(differing)}). MUSCLE distils logits token by token and needs "
             f"one vocabulary for both")
+
+
+def vocabulary_changes(args: argparse.Namespace) -> bool:
+    """Whether the update changes the vocabulary, which stage 3 then bridges by text
+    (cross_vocab.py) if --cross-vocab allows it; one vocabulary takes the paper's exact path."""
+    try:
+        check_same_vocab(args.old, args.new)
+        return False
+    except VocabularyMismatch as e:
+        if args.cross_vocab == "off":
+            raise VocabularyMismatch(f"{e}; pass --cross-vocab fill to align the two tokenizations "
+                                     f"by text and map M1's distributions onto the new vocabulary"
+                                     ) from None
+        return True
 
 
 def check_max_len(args: argparse.Namespace) -> None:
@@ -266,9 +290,11 @@ def ce_loss(model: nn.Module, chunk_size: int = CHUNK_SIZE) -> LossFn:
 
 
 def muscle_loss(student: nn.Module, old: nn.Module, args: argparse.Namespace,
-                cache: TeacherCache | None = None) -> LossFn:
+                cache: TeacherCache | None = None,
+                vmap: cross_vocab.VocabMap | None = None) -> LossFn:
     """Stage 3: the MUSCLE loss of the student (v2 + compat) against M1 and M2 (v2 + task);
-    with a cache, the teachers run only for examples it does not hold yet."""
+    with a cache, the teachers run only for examples it does not hold yet; with a vocabulary
+    map, M1's distributions are mapped onto the student's vocabulary (cross_vocab.py)."""
     def loss(b):
         ids, mask = b["input_ids"], b["attention_mask"]
 
@@ -282,6 +308,10 @@ def muscle_loss(student: nn.Module, old: nn.Module, args: argparse.Namespace,
         h_old, h_new = cache.get(b, teachers) if cache is not None else teachers()
         h = student.hidden_states(ids, mask)
         heads = (student.lm_head, old.lm_head, student.lm_head)
+        if vmap is not None:
+            return cross_vocab.muscle_loss_cross(
+                h, h_old, h_new, heads, b["labels"], align.has_counterpart(b), vmap,
+                args.cross_vocab, args.mask, args.temperature, args.ce_weight, args.chunk_size)
         return muscle.muscle_loss_chunked(h, h_old, h_new, heads, b["labels"], mask=args.mask,
                                           temperature=args.temperature, ce_weight=args.ce_weight,
                                           chunk_size=args.chunk_size, old_valid=align.has_counterpart(b))
@@ -366,16 +396,28 @@ def compat_models(args: argparse.Namespace, env: Dist, out: Path) -> tuple[nn.Mo
     return prepare(student, env, args.grad_checkpointing), frozen_teacher(old, env)
 
 
-def stage_compat(args: argparse.Namespace, env: Dist, out: Path, td: TaskData) -> dict:
-    """Stage 3: Ac on base v2, initialised as a copy of A2 (paper A.1), with the MUSCLE loss."""
+def stage_compat(args: argparse.Namespace, env: Dist, out: Path, td: TaskData,
+                 cross: bool = False) -> dict:
+    """Stage 3: Ac on base v2, initialised as a copy of A2 (paper A.1), with the MUSCLE loss;
+    across two vocabularies (`cross`) the summary says how much of the text M1 could teach."""
     if args.teacher_cache == "memory" and env.world > 1:
         raise ValueError("--teacher-cache memory needs a single process: under torchrun the rows of "
                          "a reshuffled batch move between ranks every epoch, so the ranks' caches "
                          "would rarely hold a whole batch; use --teacher-cache off with torchrun")
     student, old = compat_models(args, env, out)
     cache = TeacherCache() if args.teacher_cache == "memory" else None
-    return train_adapter(args, env, out, 3, student, "compat", muscle_loss(student, old, args, cache),
-                         td, args.new)
+    if not cross:
+        return train_adapter(args, env, out, 3, student, "compat",
+                             muscle_loss(student, old, args, cache), td, args.new)
+    vmap = cross_vocab.model_vocab_map(models.load_tokenizer(args.old), models.load_tokenizer(args.new),
+                                       old.lm_head.out_features, student.lm_head.out_features)
+    coverage = cross_vocab.Coverage()
+    summary = train_adapter(args, env, out, 3, student, "compat",
+                            coverage.counting(muscle_loss(student, old, args, cache, vmap)), td, args.new)
+    summary["cross_vocab"] = cross_vocab.Coverage.shares(distributed.all_reduce_sum(coverage.totals, env))
+    if env.main:
+        print(cross_vocab.Coverage.describe(summary["cross_vocab"]))
+    return summary
 
 
 def predict(base: str, adapter: Path, items: list, path: Path, args: argparse.Namespace,
@@ -457,7 +499,7 @@ def check_run_config(out: Path, args: argparse.Namespace, env: Dist) -> None:
 def run(args: argparse.Namespace, env: Dist) -> None:
     out = Path(args.out or f"runs/{Path(args.old).name}-{Path(args.new).name}-{args.task}")
     fetch_models(args, env)
-    check_same_vocab(args.old, args.new)
+    cross = vocabulary_changes(args)
     check_max_len(args)
     stages = [1, 2, 3, 4] if args.stage == "all" else [int(args.stage)]
     if 4 in stages:
@@ -490,9 +532,10 @@ def run_stages(args: argparse.Namespace, env: Dist, out: Path, stages: list[int]
             if env.main:
                 print(f"stage {stage}: done ({stage_dir(out, stage)}), skipped")
             continue
-        td = task_data(args, stage, env) if stage < 4 else None
+        td = task_data(args, stage, env, cross) if stage < 4 else None
         summary = (stage_task(args, env, out, stage, td) if stage < 3 else
-                   stage_compat(args, env, out, td) if stage == 3 else stage_eval(args, env, out))
+                   stage_compat(args, env, out, td, cross) if stage == 3 else
+                   stage_eval(args, env, out))
         mark_done(out, stage, summary, env)
         gc.collect()
         if torch.cuda.is_available():
@@ -522,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.convert_arg_line_to_args = lambda line: line.split("#", 1)[0].split()
     a = p.add_argument
     a("--old", required=True, help="base v1: registry name, local checkpoint dir or hub id")
-    a("--new", required=True, help="base v2 (same vocabulary as --old)")
+    a("--new", required=True, help="base v2 (another vocabulary than --old needs --cross-vocab)")
     a("--task", required=True, help=f"one of {data.task_names()}")
     a("--data-dir", default=None, help="local copies of the task files; None: the pinned hub copies")
     a("--out", default=None, help="run directory; None: runs/<old>-<new>-<task>")
@@ -550,6 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="which teacher each token follows (muscle.MASKS; the paper's is student_correct)")
     g("--temperature", type=cli.POSITIVE_FLOAT, default=2.0, help="KL temperature (the loss carries T^2)")
     g("--ce-weight", type=cli.NON_NEGATIVE_FLOAT, default=0.0, help="weight of the auxiliary CE term (the paper's CE+)")
+    g("--cross-vocab", default="off", choices=["off", *cross_vocab.CHOICES],
+      help="when --old and --new have two vocabularies: fill (M1's unmapped mass spread over "
+           "the new-only tokens in M2's proportions) or renorm (dropped, the rest rescaled); off "
+           "refuses such pairs. One vocabulary ignores it and takes the paper's exact loss")
     g = p.add_argument_group("runs and resources").add_argument
     g("--limit-train", type=cli.number(int, 2, hint="; the 80/20 split needs 2 items or more, or leave the flag out"), default=None, help="use only the first N training items")
     g("--limit-eval", type=cli.LIMIT, default=None, help="evaluate only the first N test items")

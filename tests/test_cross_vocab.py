@@ -289,3 +289,25 @@ def test_coverage_counts_training_forwards_only():
     assert shares["mapped_mass"] == pytest.approx(out.mapped_mass / 6) and shares["mapped_mass"] < 1
     assert shares["followed_old"] == out.follow_old / 8
     assert shares["unaligned_asked_old"] == out.unaligned / 8
+
+
+def test_logits_exist_one_chunk_at_a_time():
+    """No head projects more than chunk_size positions at once: at most one chunk's [chunk, V_new]
+    and [chunk, V_old] logits exist, never the batch's."""
+    heads, (hs, _, hn), labels = _heads_and_states(4, batch=3, length=9)
+    old_head = torch.nn.Linear(5, 9, dtype=torch.float64)
+    ho = torch.randn(3, 9, 5, dtype=torch.float64)
+    rows = []
+
+    def recording(head):
+        def project(h):
+            rows.append(h.shape[0])
+            return head(h)
+        return project
+
+    vmap = cross_vocab.VocabMap(torch.tensor([0, 1, 2, -1, 3, 3, -1, 5, -1]), torch.zeros(7, dtype=torch.bool))
+    student = hs.clone().requires_grad_()
+    out = cross_vocab.muscle_loss_cross(student, ho, hn, [recording(h) for h in (heads[0], old_head, heads[2])],
+                                        labels, torch.ones(3, 9, dtype=torch.bool), vmap, chunk_size=5)
+    out.loss.backward()
+    assert out.tokens == 19 and max(rows) == 5 and sum(rows) == 3 * 19

@@ -277,7 +277,7 @@ def test_different_vocabularies_are_refused_before_training(tiny_models, tmp_pat
                                                             vocab_size, corpus, expected):
     other = make_checkpoint(tmp_path / "other", seed=3, vocab_size=vocab_size, corpus=corpus)
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(ValueError, match=expected + r".*; pass --cross-vocab fill to align"):
         train.run(train.parse_args(tiny_flags(tiny_models[0], str(other), data_dir, out)), Dist())
     assert not out.exists()
 
