@@ -506,7 +506,7 @@ def run(args: argparse.Namespace, env: Dist) -> None:
         check_eval_data(args)
     with hold_lock(out, env):
         check_run_config(out, args, env)
-        run_stages(args, env, out, stages)
+        run_stages(args, env, out, stages, cross)
 
 
 @contextlib.contextmanager
@@ -524,8 +524,10 @@ def hold_lock(out: Path, env: Dist) -> Iterator[None]:
         yield
 
 
-def run_stages(args: argparse.Namespace, env: Dist, out: Path, stages: list[int]) -> None:
-    """The stages asked for, in order; a stage with a DONE file is skipped."""
+def run_stages(args: argparse.Namespace, env: Dist, out: Path, stages: list[int],
+               cross: bool = False) -> None:
+    """The stages asked for, in order; a stage with a DONE file is skipped. `cross`: the two
+    vocabularies differ (stage 3 bridges them, cross_vocab.py)."""
     td = None
     for stage in stages:
         if (stage_dir(out, stage) / DONE).is_file():
@@ -594,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     g("--temperature", type=cli.POSITIVE_FLOAT, default=2.0, help="KL temperature (the loss carries T^2)")
     g("--ce-weight", type=cli.NON_NEGATIVE_FLOAT, default=0.0, help="weight of the auxiliary CE term (the paper's CE+)")
     g("--cross-vocab", default="off", choices=["off", *cross_vocab.CHOICES],
-      help="when --old and --new have two vocabularies: fill (M1's unmapped mass spread over "
+      help="when the old and new bases have two vocabularies: fill (M1's unmapped mass spread over "
            "the new-only tokens in M2's proportions) or renorm (dropped, the rest rescaled); off "
            "refuses such pairs. One vocabulary ignores it and takes the paper's exact loss")
     g = p.add_argument_group("runs and resources").add_argument
