@@ -303,8 +303,7 @@ def test_help_shows_every_default():
     assert text.count("(default: ") == len(options) == 34
     for flag, default in [("--epochs EPOCHS", "10"), ("--lr LR", "0.0001"), ("--rank RANK", "128"),
                           ("--warmup-steps WARMUP_STEPS", "500"), ("--alpha ALPHA", "256"),
-                          ("--temperature TEMPERATURE", "2.0"), ("--grad-accum GRAD_ACCUM", "8"),
-                          ("--cross-vocab {off,fill,renorm}", "off")]:
+                          ("--temperature TEMPERATURE", "2.0"), ("--grad-accum GRAD_ACCUM", "8")]:
         assert text.split(flag + " ", 1)[1].split(" --", 1)[0].endswith(f"(default: {default})")
 
 
