@@ -547,6 +547,20 @@ def warn_if_other_base(adapter: str, model_name: str) -> None:
               f"its predictions on another base mean little", file=sys.stderr)
 
 
+# train.py's marker of a finished stage, written last into the stage's directory.
+STAGE_DONE = "DONE"
+
+
+def warn_if_unfinished(adapter: str) -> None:
+    """An adapter inside a train.py stage (its directory holds log.jsonl) whose stage has no DONE
+    is the best epoch so far of an interrupted stage, not the stage's result."""
+    stage = Path(adapter).resolve().parent
+    if (stage / "log.jsonl").is_file() and not (stage / STAGE_DONE).is_file():
+        print(f"warning: adapter {adapter} is from an unfinished training stage ({stage} has no "
+              f"{STAGE_DONE}): it is the best epoch so far, not the stage's result; rerun train.py "
+              f"to finish the stage", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> None:
     """Evaluate --model (+ --adapter) on --task; write the records, print the metrics."""
     spec = data.get_task(args.task)
@@ -557,6 +571,7 @@ def run(args: argparse.Namespace) -> None:
     if args.adapter:
         lora.load_adapter(model, args.adapter)
         warn_if_other_base(args.adapter, args.model)
+        warn_if_unfinished(args.adapter)
     tokenizer = models.load_tokenizer(args.model)
     items = data.load_task(spec, args.split or spec.eval_split, args.data_dir)
     shots = data.load_task(spec, "train", args.data_dir) if args.num_fewshot else ()

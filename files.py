@@ -6,15 +6,17 @@ a reader, a crash, SIGKILL or a full disk leaves the old content or the new one,
 and a failed write leaves no temporary file behind. `append_line` adds one record to a log and
 on failure cuts the file back to where it was, so a log never ends in half a record.
 `check_writable` tells before hours of scoring or training that an output path cannot be written.
+`read_json` reads a JSON file and names the file, line and column of what is wrong with it.
 
 No torch here: metrics.py (torch-free) writes its reports through it too.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 def fsync_file(path: Path) -> None:
@@ -91,3 +93,30 @@ def check_writable(path: str | os.PathLike, flag: str, is_dir: bool = False) -> 
         raise ValueError(f"{flag} {path}: cannot create a file in {target} ({e.strerror}); pass a "
                          f"{kind} in a directory you can write to") from None
     return path
+
+
+def read_text(path: str | os.PathLike, fix: str = "") -> str:
+    """The UTF-8 text of `path`; other bytes are a ValueError naming the file and the offset."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+                         f"{'; ' + fix if fix else ''}") from None
+
+
+def read_json(path: str | os.PathLike, expected: type = dict, fix: str = "") -> Any:
+    """The JSON value in `path`, of type `expected`; anything else is a ValueError naming the
+    file (and the line and column of a syntax error), what was expected, and `fix`."""
+    path = Path(path)
+    fix = f"; {fix}" if fix else ""
+    try:
+        value = json.loads(read_text(path, fix[2:]))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at line {e.lineno} column "
+                         f"{e.colno}){fix}") from None
+    if not isinstance(value, expected):
+        names = {dict: "a JSON object", list: "a JSON array"}
+        raise ValueError(f"{path}: expected {names.get(expected, expected.__name__)}, got "
+                         f"{type(value).__name__}{fix}")
+    return value

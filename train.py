@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
+import hashlib
 import json
 import shutil
 import sys
@@ -233,11 +235,23 @@ def check_max_len(args: argparse.Namespace) -> None:
 def check_eval_data(args: argparse.Namespace) -> None:
     """Stage 4's items are read and tokenised before stage 1, so a missing test file or an item
     that cannot be scored stops the run before the training stages, not after them."""
-    spec = data.get_task(args.task)
-    items = data.load_task(args.task, spec.eval_split, args.data_dir)[:args.limit_eval]
+    spec, items = eval_items(args)
     for name in (args.old, args.new):
         context = models.read_config(models.resolve(name)).get("max_position_embeddings") or 2048
         evaluation.check_scorable(spec, items, models.load_tokenizer(name), context)
+
+
+def eval_items(args: argparse.Namespace) -> tuple[data.Task, list]:
+    """The task and the items stage 4 evaluates: the evaluation split, cut to --limit-eval."""
+    spec = data.get_task(args.task)
+    return spec, data.load_task(args.task, spec.eval_split, args.data_dir)[:args.limit_eval]
+
+
+def items_digest(items: Sequence) -> str:
+    """A fingerprint of evaluation items (ids and content): predictions computed on other items
+    (another --limit-eval, another --data-dir) are never taken for these."""
+    rows = [dataclasses.asdict(it) for it in items]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def model_dtype(args: argparse.Namespace, env: Dist) -> torch.dtype:
@@ -322,7 +336,8 @@ def muscle_loss(student: nn.Module, old: nn.Module, args: argparse.Namespace,
 
 STAGES = {1: "stage1_task_old", 2: "stage2_task_new", 3: "stage3_compat", 4: "stage4_eval"}
 ADAPTER = "adapter"  # each training stage's best adapter, in PEFT's format
-DONE = "DONE"  # written last: the stage's output is complete
+DONE = evaluation.STAGE_DONE  # written last: the stage's output is complete
+INPUTS = "inputs.json"  # stage 4: the digest of the items each role's predictions were made on
 
 
 def stage_dir(out: Path, stage: int) -> Path:
@@ -445,13 +460,17 @@ def stage_eval(args: argparse.Namespace, env: Dist, out: Path) -> dict:
     """Stage 4: M1, M2, Mc on the task's evaluation split, then the compatibility report."""
     d = stage_dir(out, 4)
     d.mkdir(parents=True, exist_ok=True)
-    spec = data.get_task(args.task)
-    items = data.load_task(args.task, spec.eval_split, args.data_dir)[:args.limit_eval]
+    _, items = eval_items(args)
+    digest = items_digest(items)
     roles = {"m1": (args.old, adapter_dir(out, 1)), "m2": (args.new, adapter_dir(out, 2)),
              "mc": (args.new, adapter_dir(out, 3))}
     for role, (base, adapter) in roles.items():
-        if not (d / f"{role}.jsonl").is_file():  # finished predictions survive a restart
+        # Finished predictions survive a restart, and are reused for the same items only.
+        inputs = files.read_json(d / INPUTS) if (d / INPUTS).is_file() else {}
+        if not (d / f"{role}.jsonl").is_file() or inputs.get(role) != digest:
             predict(base, adapter, items, d / f"{role}.jsonl", args, env)
+            if env.main:
+                files.write_text_atomic(d / INPUTS, json.dumps({**inputs, role: digest}, indent=1) + "\n")
             gc.collect()
     runs = {role: predictions.read_predictions(d / f"{role}.jsonl") for role in roles}
     sources = {"old": "m1.jsonl", "new": "m2.jsonl", "compat": "mc.jsonl"}
@@ -460,14 +479,15 @@ def stage_eval(args: argparse.Namespace, env: Dist, out: Path) -> dict:
         report.write_report(result, d)
         print(report.format_report_text(result))
     distributed.barrier(env)
-    return {"n": result["n"]}
+    return {"n": result["n"], "items": digest}
 
 
 # ============================================================================ run and CLI
 
-# Flags that do not change what a run computes; every other flag must match to resume a run.
+# Flags that do not change what the training stages compute; every other flag must match to
+# resume a run. Stage 4 keeps the digest of its items, so --limit-eval and --data-dir may change.
 NOT_CONFIG = {"out", "overwrite", "stage", "device", "save_every", "log_every", "grad_checkpointing",
-              "data_dir", "eval_batch_size", "chunk_size", "teacher_cache"}
+              "data_dir", "eval_batch_size", "chunk_size", "teacher_cache", "limit_eval"}
 RUN_CONFIG = "run_config.json"
 
 
@@ -476,7 +496,9 @@ def check_run_config(out: Path, args: argparse.Namespace, env: Dist) -> None:
     the same configuration resumes."""
     config = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_CONFIG}
     path = out / RUN_CONFIG
-    saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    saved = files.read_json(path, fix=f"delete it to resume the run with the flags given now") \
+        if path.is_file() else None
+    saved = None if saved is None else {k: v for k, v in saved.items() if k not in NOT_CONFIG}
     if saved is None and out.is_dir() and any(p.name != lock.NAME for p in out.iterdir()):
         raise ValueError(f"--out {out} is not empty and holds no {RUN_CONFIG}, so it is not a run "
                          f"of train.py; choose another --out (nothing was deleted)")
@@ -524,13 +546,25 @@ def hold_lock(out: Path, env: Dist) -> Iterator[None]:
         yield
 
 
+def is_done(args: argparse.Namespace, out: Path, stage: int) -> bool:
+    """Whether the stage's output is complete: a DONE file, and for stage 4 one written for the
+    items evaluated now (a DONE without a digest predates it and counts as done)."""
+    done = stage_dir(out, stage) / DONE
+    if not done.is_file():
+        return False
+    if stage < 4:
+        return True
+    digest = files.read_json(done).get("items")
+    return digest is None or digest == items_digest(eval_items(args)[1])
+
+
 def run_stages(args: argparse.Namespace, env: Dist, out: Path, stages: list[int],
                cross: bool = False) -> None:
     """The stages asked for, in order; a stage with a DONE file is skipped. `cross`: the two
     vocabularies differ (stage 3 bridges them, cross_vocab.py)."""
     td = None
     for stage in stages:
-        if (stage_dir(out, stage) / DONE).is_file():
+        if is_done(args, out, stage):
             if env.main:
                 print(f"stage {stage}: done ({stage_dir(out, stage)}), skipped")
             continue

@@ -113,3 +113,77 @@ def test_resume_after_a_damaged_checkpoint_equals_an_uninterrupted_run(tmp_path,
     assert result.steps == 6
     torch.testing.assert_close(model.weight.detach(), reference, rtol=0, atol=0)
     assert [r["step"] for r in read_log(tmp_path / "b" / "log.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_stage_4_resumes_with_another_limit_eval_and_reuses_only_matching_predictions(
+        tiny_models, data_dir, tmp_path, monkeypatch, capsys):
+    """--limit-eval changes no training: a rerun with another value needs no --overwrite, keeps
+    the adapters, and evaluates again; predictions finished before a stage-4 failure are reused
+    for the same items and only for them."""
+    out = tmp_path / "run"
+    flags = [f for f in tiny_flags(*tiny_models, data_dir, out, "--max-steps", "2")]
+    assert train.main(flags) == 0
+    adapters = {s: (out / train.STAGES[s] / "adapter" / "adapter_model.safetensors").read_bytes() for s in (1, 2, 3)}
+    scored, real_predict = [], train.predict
+
+    def counting_predict(base, adapter, items, path, args, env):
+        scored.append((path.stem, len(items)))
+        if path.stem == "mc" and fail["mc"]:
+            raise OSError(28, "No space left on device")
+        return real_predict(base, adapter, items, path, args, env)
+    fail = {"mc": True}
+    monkeypatch.setattr(train, "predict", counting_predict)
+    i = flags.index("--limit-eval")
+    four = flags[:i + 1] + ["4"] + flags[i + 2:]
+    assert train.main(four) == 2  # stage 4 fails at Mc
+    assert scored == [("m1", 4), ("m2", 4), ("mc", 4)]
+    fail["mc"], scored[:] = False, []
+    capsys.readouterr()
+    assert train.main([*four, "--eval-batch-size", "3"]) == 0  # no --overwrite: the fixed flag resumes
+    assert scored == [("mc", 4)]  # M1's and M2's predictions on these 4 items were reused
+    out_text = capsys.readouterr().out
+    assert all(f"stage {s}: done" in out_text for s in (1, 2, 3))
+    assert {s: (out / train.STAGES[s] / "adapter" / "adapter_model.safetensors").read_bytes()
+            for s in (1, 2, 3)} == adapters
+    stage4 = out / train.STAGES[4]
+    assert json.loads((stage4 / "report.json").read_text())["n"] == 4
+    assert all(len((stage4 / f"{r}.jsonl").read_text().splitlines()) == 4 for r in ("m1", "m2", "mc"))
+    scored[:] = []
+    assert train.main(four) == 0 and scored == []  # the same items: stage 4 is done
+    assert "stage 4: done" in capsys.readouterr().out
+    assert train.main(flags) == 0 and scored == [("m1", 8), ("m2", 8), ("mc", 8)]  # other items: redone
+    assert json.loads((stage4 / "report.json").read_text())["n"] == 8
+
+
+def test_eval_warns_about_an_adapter_of_an_unfinished_stage(tiny_models, data_dir, tmp_path, capsys):
+    import eval as ev
+    import lora
+    import models
+    stage = tmp_path / "stage1_task_old"
+    model = models.load_model(tiny_models[0])
+    lora.add_adapter(model, "task", rank=2, alpha=4)
+    lora.save_adapter(model, stage / "adapter", "task", base_model_name_or_path=tiny_models[0])
+    (stage / "log.jsonl").write_text('{"step": 1}\n')
+    argv = ["--model", tiny_models[0], "--adapter", str(stage / "adapter"), "--task", "piqa", "--data-dir",
+            str(data_dir), "--limit", "2", "--out", str(tmp_path / "p.jsonl")]
+    assert ev.main(argv) == 0
+    assert (f"warning: adapter {stage / 'adapter'} is from an unfinished training stage ({stage} has no DONE): "
+            f"it is the best epoch so far, not the stage's result; rerun train.py") in capsys.readouterr().err
+    (stage / "DONE").write_text("{}\n")
+    assert ev.main(argv) == 0 and "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "run_config.json:1: not valid JSON (Expecting property name enclosed in double quotes at line 1 "
+                  "column 2); delete it to resume the run with the flags given now"),
+    ("[1, 2]", "run_config.json: expected a JSON object, got list; delete it"),
+    (b"\xff\xfe{}", "run_config.json: not UTF-8 text (byte 0xff at offset 0); delete it"),
+])
+def test_a_damaged_run_config_is_named(tiny_models, data_dir, tmp_path, capsys, content, message):
+    out = tmp_path / "run"
+    out.mkdir()
+    path = out / train.RUN_CONFIG
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert train.main(tiny_flags(*tiny_models, data_dir, out, "--stage", "1")) == 2
+    assert_one_line_error(capsys.readouterr().err, f"{out / message}")
+    assert sorted(p.name for p in out.iterdir()) == [train.RUN_CONFIG]
