@@ -29,8 +29,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="metric of the records, NAME or NAME,FILTER as the harness names them (acc, "
                              "acc_norm, exact_match,flexible-extract, score, ...). None: the task's first "
                              "metric (acc; exact_match,strict-match; score)")
+    parser.add_argument("--show", type=int, default=10,
+                        help="worst regressions per pair in the printed report and report.md "
+                             "(all of them go to regressions.jsonl)")
     parser.add_argument("--out", default=None,
-                        help="directory for report.json, report.md, report.png (None: print only)")
+                        help="directory for report.json, report.md, report.png, regressions.jsonl (None: print only)")
     return parser.parse_args(argv)
 
 
@@ -59,12 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(report.format_report_text(result))
+    print(report.format_report_text(result, args.show))
     if args.out is None:
-        print("(pass --out DIR to write report.json, report.md and report.png)")
+        print("(pass --out DIR to write report.json, report.md, report.png and regressions.jsonl)")
         return 0
     try:
-        written = report.write_report(result, args.out)
+        written = report.write_report(result, args.out, args.show)
     except OSError as error:
         print(f"error: cannot write the report to --out {args.out}: {error.strerror or error}", file=sys.stderr)
         return 2

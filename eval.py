@@ -443,7 +443,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: str | data.Task, item
              batch_size: int = 32, limit: int | None = None, num_fewshot: int = 0, fewshot_items: Sequence[Any] = (),
              add_bos: bool = False, fast: bool = True, max_length: int | None = None,
              progress: bool = False) -> list[dict[str, Any]]:
-    """Prediction records (id, task, prediction, correct, score, ...) of the first `limit` items.
+    """Prediction records (id, task, prediction, correct, score, ..., prompt: the text scored or
+    continued, few-shot prefix included) of the first `limit` items.
 
     num_fewshot > 0 prepends the harness's few-shot prefix drawn from `fewshot_items` (the train
     split); the paper's models are fine-tuned on the task, so 0-shot is the default. batch_size
@@ -458,7 +459,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: str | data.Task, item
         texts = generate(model, tokenizer, [it.prompt for it in prompts], spec.max_new_tokens, spec.stop,
                          spec.no_repeat_ngram_size, batch_size, add_bos, max_length, progress)
         records = [{"id": it.id, **generation_record(spec.metric, it, t)} for it, t in zip(items, texts)]
-    return [{"id": r.pop("id"), "task": spec.name, **r} for r in records]
+    texts_in = [it.context if spec.kind == "multiple_choice" else it.prompt for it in prompts]
+    return [{"id": r.pop("id"), "task": spec.name, **r, "prompt": text} for r, text in zip(records, texts_in)]
 
 
 def check_scorable(task: str | data.Task, items: Sequence[Any], tokenizer: Any, max_length: int,

@@ -16,6 +16,7 @@ import numpy as np
 
 import files
 import predictions
+import regressions
 from metrics import (btc, correct_set_flips, expected_gain, expected_regression, gain_rate,
                      inconsistency_flips, nfr, nfr_ext, pfr, quadrants, regression_rate,
                      relative_change)
@@ -39,8 +40,12 @@ def _scores(records: list[dict], name: str) -> list[float]:
 
 
 def _pair(kind: str, old: list, other: list, old_out: list, other_out: list) -> dict:
-    """Every metric of one update old -> other (correctness or scores, and outputs, per instance)."""
-    pair = {f"delta_{_LEVEL[kind]}": float(np.mean(other) - np.mean(old))}
+    """Every metric of one update old -> other (correctness or scores, and outputs, per instance).
+
+    `agreement` is the fraction of instances where both models give the same output.
+    """
+    pair = {f"delta_{_LEVEL[kind]}": float(np.mean(other) - np.mean(old)),
+            "agreement": float(np.mean([a == b for a, b in zip(old_out, other_out)]))}
     if kind == "continuous":
         return pair | {key: f(old, other) for key, f in _CONTINUOUS.items()}
     pair |= {key: f(old, other) for key, f in _DISCRETE.items()}
@@ -78,9 +83,38 @@ def compatibility_report(old: Sequence[dict], new: Sequence[dict], compat: Seque
     if compat is not None:
         before, after = report["pairs"]["old->new"], report["pairs"]["old->compat"]
         report["relative"] = {key: relative_change(before[key], after[key]) for key in _metric_keys(kind)}
+        report["paper"] = _paper_columns(report)
+    report["other_metrics"] = _other_metrics(aligned, metric or next(iter(predictions.metric_values(old[0])), None))
     if kind == "continuous":  # per-instance scores for the scatter plot of report.png
         report["scores"] = {"ids": [r["id"] for r in aligned["old"]], **values}
+    report["regressions"] = regressions.collect(kind, aligned, values)
     return report
+
+
+def _paper_columns(report: dict) -> dict[str, float | None]:
+    """The columns of the paper's Tables 3-5: the accuracy (or mean score) change from M2 to Mc,
+    acc(Mc) - acc(M2), and the relative change of the headline flip rate from (M1, M2) to (M1, Mc)."""
+    level, models = _LEVEL[report["kind"]], report["models"]
+    head = _TABLE[report["kind"]]["headline"][0]
+    name = {"nfr": "dnfr_percent", "regression_rate": "dreg_percent"}[head]
+    return {f"delta_{level}": models["compat"][level] - models["new"][level], name: report["relative"][head]}
+
+
+def _other_metrics(aligned: dict[str, list[dict]], main: str | None) -> dict[str, dict]:
+    """Accuracy, NFR and PFR under every other discrete metric all records have (multiple choice:
+    acc_norm beside acc; GSM8K: flexible-extract beside strict-match)."""
+    values = [predictions.metric_values(r) for rows in aligned.values() for r in rows]
+    shared = [key for key in values[0] if key not in (main, "score,none")
+              and all(key in v and v[key] in (0.0, 1.0) for v in values)]
+    out = {}
+    for key in shared:
+        flags = {role: [predictions.metric_values(r)[key] == 1.0 for r in rows] for role, rows in aligned.items()}
+        pairs = {f"old->{role}": {"nfr": nfr(flags["old"], f), "pfr": pfr(flags["old"], f)}
+                 for role, f in flags.items() if role != "old"}
+        out[key] = {"accuracy": {role: float(np.mean(f)) for role, f in flags.items()}, "pairs": pairs,
+                    "dnfr_percent": relative_change(pairs["old->new"]["nfr"], pairs["old->compat"]["nfr"])
+                    if "old->compat" in pairs else None}
+    return out
 
 
 def _metric_keys(kind: str) -> list[str]:
@@ -93,20 +127,26 @@ _LABELS = {"nfr": "NFR", "pfr": "PFR", "btc": "BTC", "nfr_ext": "NFR_ext",
            "inconsistency_flips": "inconsistency flips", "correct_set_flips": "correct-set flips",
            "gain_rate": "gain rate", "regression_rate": "regression rate",
            "expected_gain": "expected gain", "expected_regression": "expected regression"}
-# Main table in the spirit of the paper's Tables 3-5: level (acc or mean score) and its change
-# from old, the headline flip metric with its change from old->new to old->compat, then the rest.
+# Main table: the paper's columns of Tables 3-5 (level, its change from new to compat, the headline
+# flip rate and its relative change), then the other flip metrics, agreement with old, and the
+# changes counted from old in points.
 _TABLE = {
-    "discrete": {"level": ("acc", "dAcc"), "headline": ("nfr", "NFR"),
-                 "others": {"pfr": "PFR", "btc": "BTC", "nfr_ext": "NFR_ext"}},
-    "continuous": {"level": ("score", "dScore"), "headline": ("regression_rate", "Reg"),
-                   "others": {"gain_rate": "Gain", "expected_gain": "E[gain]", "expected_regression": "E[reg]"}},
+    "discrete": {"level": ("acc", "ΔAcc"), "headline": ("nfr", "NFR"),
+                 "others": {"pfr": "PFR", "btc": "BTC", "nfr_ext": "NFR_ext", "agreement": "agree"}},
+    "continuous": {"level": ("score", "ΔScore"), "headline": ("regression_rate", "Reg"),
+                   "others": {"gain_rate": "Gain", "expected_gain": "E[gain]", "expected_regression": "E[reg]",
+                              "agreement": "agree"}},
 }
 _LEGEND = {
-    "discrete": "Percent. dAcc: points from old; dNFR: points from old->new to old->compat; dNFR%: "
-                "relative change; BTC: n/a when old has nothing right.",
-    "continuous": "Percent (scores x 100). Reg/Gain: regression/gain rate; E[reg]/E[gain]: mean change "
-                  "when one happens (n/a: none); dScore: points from old; dReg: points from old->new to "
-                  "old->compat; dReg%: relative change.",
+    "discrete": "Percent. The paper's columns (Tables 3-5): ΔAcc = acc(compat) - acc(new), points; dNFR% = "
+                "100 * (NFR(old, compat) - NFR(old, new)) / NFR(old, new). Others: agree = the same answer as old; "
+                "dAcc(old) = acc - acc(old), points; dNFR = NFR(old, compat) - NFR(old, new), points; BTC: n/a "
+                "when old has nothing right.",
+    "continuous": "Percent (scores x 100). Reg/Gain: regression/gain rate; E[reg]/E[gain]: mean change when "
+                  "one happens (n/a: none). The paper's columns (Table 5): ΔScore = score(compat) - "
+                  "score(new), points; dReg% = relative change of Reg from old->new to old->compat. Others: "
+                  "agree = the same output as old; dScore(old) = score - score(old), points; dReg = "
+                  "Reg(old, compat) - Reg(old, new), points.",
 }
 PNG_HINT = "No report.png: matplotlib is not installed (`pip install matplotlib`)."
 
@@ -130,21 +170,38 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def _main_table(report: dict) -> list[str]:
     spec, kind = _TABLE[report["kind"]], report["kind"]
     level_key, delta_key = _LEVEL[kind], f"delta_{_LEVEL[kind]}"
-    head_key, head = spec["headline"]
-    header = ["model", *spec["level"], head, f"d{head}", f"d{head}%", *spec["others"].values()]
-    rows = [["old", _pct(report["models"]["old"][level_key])] + [""] * (len(header) - 2)]
+    (level, paper_delta), (head_key, head) = spec["level"], spec["headline"]
+    header = ["model", level, paper_delta, head, f"d{head}%", *spec["others"].values(),
+              f"d{level.capitalize()}(old)", f"d{head}"]
+    models = report["models"]
+    rows = [["old", _pct(models["old"][level_key])] + [""] * (len(header) - 2)]
     reference = report["pairs"]["old->new"][head_key]
-    for role in list(report["models"])[1:]:
-        pair = report["pairs"][f"old->{role}"]
-        changes = (["", ""] if role == "new" else
-                   [_pct(pair[head_key] - reference, signed=True), _rel(report["relative"][head_key])])
-        rows.append([role, _pct(report["models"][role][level_key]), _pct(pair[delta_key], signed=True),
-                     _pct(pair[head_key]), *changes, *(_pct(pair[k]) for k in spec["others"])])
+    for role in list(models)[1:]:
+        pair, is_compat = report["pairs"][f"old->{role}"], role == "compat"
+        paper = [_pct(models[role][level_key] - models["new"][level_key], signed=True) if is_compat else "",
+                 _pct(pair[head_key]), _rel(report["relative"][head_key]) if is_compat else ""]
+        rows.append([role, _pct(models[role][level_key]), *paper, *(_pct(pair[k]) for k in spec["others"]),
+                     _pct(pair[delta_key], signed=True),
+                     _pct(pair[head_key] - reference, signed=True) if is_compat else ""])
     return _table(header, rows)
 
 
-def format_report_md(report: dict) -> str:
-    """The report as markdown: main table, quadrant counts (discrete), every metric with its relative change."""
+def _other_metrics_table(report: dict) -> list[str]:
+    """Accuracy and NFR under the records' other discrete metrics (acc_norm, flexible-extract)."""
+    others = report.get("other_metrics") or {}
+    if not others:
+        return []
+    roles, pairs = list(report["models"]), list(report["pairs"])
+    header = ["metric", *(f"acc {r}" for r in roles), *(f"NFR {p}" for p in pairs),
+              *(["dNFR%"] if "old->compat" in pairs else [])]
+    rows = [[key, *(_pct(block["accuracy"][r]) for r in roles), *(_pct(block["pairs"][p]["nfr"]) for p in pairs),
+             *([_rel(block["dnfr_percent"])] if "old->compat" in pairs else [])] for key, block in others.items()]
+    return ["Other metrics of the records (percent)", "", *_table(header, rows), ""]
+
+
+def format_report_md(report: dict, show: int = 10) -> str:
+    """The report as markdown: main table, quadrant counts (discrete), the other metrics, every
+    metric with its relative change, and the `show` worst regressions of each pair."""
     kind, pairs = report["kind"], report["pairs"]
     metric = f", {report['metric']}" if "metric" in report else ""
     lines = [f"## Compatibility report: {report['task']} ({kind}{metric}, N = {report['n']})", ""]
@@ -156,17 +213,20 @@ def format_report_md(report: dict) -> str:
         lines += _table(["pair", *(k.replace("_", " ") for k in keys)],
                         [[name, *(str(pair["quadrants"][k]) for k in keys)] for name, pair in pairs.items()])
         lines.append("")
+    lines += _other_metrics_table(report)
     has_compat = "old->compat" in pairs
     header = ["metric", *pairs, *(["relative change %"] if has_compat else [])]
     rows = [[_LABELS[key], *(_pct(pair[key]) for pair in pairs.values()),
              *([_rel(report["relative"][key])] if has_compat else [])] for key in _metric_keys(kind)]
-    lines += ["All metrics (percent)", "", *_table(header, rows)]
-    return "\n".join(lines) + "\n"
+    lines += ["All metrics (percent)", "", *_table(header, rows), ""]
+    for name in pairs:
+        lines += regressions.table(report.get("regressions", []), name, show)
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def format_report_text(report: dict) -> str:
+def format_report_text(report: dict, show: int = 10) -> str:
     """The report for a terminal: the same markdown, which reads fine as plain text."""
-    return format_report_md(report)
+    return format_report_md(report, show)
 
 
 # --- files: report.json, report.md, report.png ---
@@ -223,17 +283,19 @@ def _write_png(report: dict, path: Path) -> bool:
     return True
 
 
-def write_report(report: dict, out_dir: str | Path) -> list[Path]:
-    """Write report.json, report.md and (with matplotlib) report.png to out_dir, each atomically;
-    the paths written."""
+def write_report(report: dict, out_dir: str | Path, show: int = 10) -> list[Path]:
+    """Write report.json, report.md (with the `show` worst regressions per pair), regressions.jsonl
+    (all of them) and, with matplotlib, report.png to out_dir, each atomically; the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "report.json", out / "report.md"]
-    files.write_text_atomic(written[0], json.dumps(report, indent=2) + "\n")
+    written = [out / "report.json", out / "report.md", out / "regressions.jsonl"]
+    summary = {key: value for key, value in report.items() if key != "regressions"}
+    files.write_text_atomic(written[0], json.dumps(summary, indent=2) + "\n")
+    files.write_text_atomic(written[2], regressions.to_jsonl(report.get("regressions", [])))
     png = out / "report.png"
     png.unlink(missing_ok=True)  # a stale picture must not outlive the numbers it showed
     has_png = _write_png(report, png)
     note = "![quadrants and scores](report.png)" if has_png else PNG_HINT
-    files.write_text_atomic(written[1], format_report_md(report) + "\n" + note + "\n")
+    files.write_text_atomic(written[1], format_report_md(report, show) + "\n" + note + "\n")
     return written + [png] if has_png else written
 

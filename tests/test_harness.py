@@ -173,9 +173,19 @@ def test_compare_two_harness_files(runs, tmp_path, capsys):
     assert nfr > 0 and pfr > 0, "the two random models should disagree somewhere"
     assert (report["task"], report["n"], report["kind"], report["metric"]) == ("piqa", N_CHOICE, "discrete", "acc,none")
     assert (report["pairs"]["old->new"]["nfr"], report["pairs"]["old->new"]["pfr"]) == (nfr, pfr)
+    nfr_norm, pfr_norm = _flips(*records, "acc_norm,none")
+    assert report["other_metrics"]["acc_norm,none"]["pairs"]["old->new"] == {"nfr": nfr_norm, "pfr": pfr_norm}
+    flips = [json.loads(line) for line in (tmp_path / "regressions.jsonl").read_text().splitlines()]
+    assert len(flips) == round(nfr * N_CHOICE)
+    by_id = {r["id"]: r for r in records[1]}
+    for flip in flips:  # the new model's margin for its wrong answer, from the harness's log-likelihoods
+        lls = by_id[flip["id"]]["loglikelihoods"]
+        assert flip["margin"] == pytest.approx(lls[flip["model_prediction"]] - lls[flip["gold"]]) and flip["margin"] > 0
+        assert flip["prompt"].startswith("Question: ") and flip["old_prediction"] == flip["gold"]
+    assert [f["margin"] for f in flips] == sorted((f["margin"] for f in flips), reverse=True)
     assert compare.main([str(old), str(new), "--metric", "acc_norm"]) == 0
-    nfr_norm, _ = _flips(*records, "acc_norm,none")
-    assert f"NFR | {100 * nfr_norm:.2f}" in capsys.readouterr().out
+    assert f"| new | {100 * report['other_metrics']['acc_norm,none']['accuracy']['new']:.2f} |  | {100 * nfr_norm:.2f} |" \
+        in capsys.readouterr().out
 
 
 def test_gsm8k_filters_are_metrics(runs, tmp_path):

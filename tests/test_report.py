@@ -11,7 +11,7 @@ from test_metrics import COMPAT, COMPAT_S, GOLD, NEW, NEW_S, OLD, OLD_S
 
 
 def records(preds, task="piqa", order=None):
-    rows = [{"id": f"q{i}", "task": task, "prediction": p, "correct": p == g, "score": float(p == g)}
+    rows = [{"id": f"q{i}", "task": task, "prediction": p, "gold": g, "correct": p == g, "score": float(p == g)}
             for i, (p, g) in enumerate(zip(preds, GOLD))]
     return [rows[i] for i in order] if order else rows
 
@@ -34,25 +34,34 @@ def test_compare_discrete_reproduces_hand_computed_numbers(tmp_path, capsys):
     assert (report["task"], report["n"], report["kind"]) == ("piqa", 8, "discrete")
     assert report["models"] == {"old": {"accuracy": 0.5}, "new": {"accuracy": 0.375}, "compat": {"accuracy": 0.625}}
     assert report["pairs"]["old->new"] == {
-        "delta_accuracy": -0.125, "nfr": 0.25, "pfr": 0.125, "btc": 0.5, "nfr_ext": 0.375,
+        "delta_accuracy": -0.125, "agreement": 0.5, "nfr": 0.25, "pfr": 0.125, "btc": 0.5, "nfr_ext": 0.375,
         "inconsistency_flips": 0.125, "correct_set_flips": 0.0,
         "quadrants": {"both_correct": 2, "positive_flip": 1, "both_wrong": 3, "negative_flip": 2}}
     assert report["pairs"]["old->compat"] == {
-        "delta_accuracy": 0.125, "nfr": 0.0, "pfr": 0.125, "btc": 1.0, "nfr_ext": 0.0,
+        "delta_accuracy": 0.125, "agreement": 0.875, "nfr": 0.0, "pfr": 0.125, "btc": 1.0, "nfr_ext": 0.0,
         "inconsistency_flips": 0.0, "correct_set_flips": 0.0,
         "quadrants": {"both_correct": 4, "positive_flip": 1, "both_wrong": 3, "negative_flip": 0}}
     assert report["relative"] == {"nfr": -100.0, "pfr": 0.0, "btc": 100.0, "nfr_ext": -100.0,
                                   "inconsistency_flips": -100.0, "correct_set_flips": None}
+    assert report["paper"] == {"delta_accuracy": 0.25, "dnfr_percent": -100.0}
+    assert "regressions" not in report and report["other_metrics"] == {}
+    flips = [json.loads(line) for line in (tmp_path / "out" / "regressions.jsonl").read_text().splitlines()]
+    assert [(f["pair"], f["id"], f["gold"], f["old_prediction"], f["model_prediction"]) for f in flips] == [
+        ("old->new", "q2", 0, 0, 1), ("old->new", "q4", 1, 1, 2)]  # no log-likelihoods: file order
     md = (tmp_path / "out" / "report.md").read_text()
-    for row in ["| model | acc | dAcc | NFR | dNFR | dNFR% | PFR | BTC | NFR_ext |",
-                "| old | 50.00 |  |  |  |  |  |  |  |",
-                "| new | 37.50 | -12.50 | 25.00 |  |  | 12.50 | 50.00 | 37.50 |",
-                "| compat | 62.50 | +12.50 | 0.00 | -25.00 | -100.00 | 12.50 | 100.00 | 0.00 |",
+    for row in ["| model | acc | ΔAcc | NFR | dNFR% | PFR | BTC | NFR_ext | agree | dAcc(old) | dNFR |",
+                "| old | 50.00 |  |  |  |  |  |  |  |  |  |",
+                "| new | 37.50 |  | 25.00 |  | 12.50 | 50.00 | 37.50 | 50.00 | -12.50 |  |",
+                "| compat | 62.50 | +25.00 | 0.00 | -100.00 | 12.50 | 100.00 | 0.00 | 87.50 | +12.50 | -25.00 |",
+                "Worst regressions old->new (2 of 2; all in regressions.jsonl)",
+                "| id | prompt (start) | gold | old | new |",
+                "| q2 |  | 0 | 0 | 1 |",
                 "| old->new | 2 | 1 | 3 | 2 |",
                 "| inconsistency flips | 12.50 | 0.00 | -100.00 |",
                 "| correct-set flips | 0.00 | 0.00 | n/a |"]:
         assert row + "\n" in md
-    assert "| compat | 62.50 | +12.50 |" in capsys.readouterr().out
+    assert "| compat | 62.50 | +25.00 |" in capsys.readouterr().out
+    assert "Worst regressions old->compat" not in md
 
 
 def test_compare_continuous_reproduces_hand_computed_numbers(tmp_path):
@@ -62,21 +71,24 @@ def test_compare_continuous_reproduces_hand_computed_numbers(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["kind"] == "continuous"
     assert report["models"] == {"old": {"mean_score": 0.55}, "new": {"mean_score": 0.55}, "compat": {"mean_score": 0.6}}
-    assert report["pairs"]["old->new"] == {"delta_mean_score": 0.0, "gain_rate": 0.4, "regression_rate": 0.2,
+    assert report["pairs"]["old->new"] == {"delta_mean_score": 0.0, "agreement": 1.0, "gain_rate": 0.4, "regression_rate": 0.2,
                                            "expected_gain": 0.25, "expected_regression": -0.5}
     assert report["pairs"]["old->compat"]["expected_regression"] is None
     assert report["relative"] == {"gain_rate": -50.0, "regression_rate": -100.0, "expected_gain": 0.0,
                                   "expected_regression": None}
     assert report["scores"]["compat"] == COMPAT_S
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| new | 55.00 | +0.00 | 20.00 |  |  | 40.00 | 25.00 | -50.00 |\n" in md
-    assert "| compat | 60.00 | +5.00 | 0.00 | -20.00 | -100.00 | 20.00 | 25.00 | n/a |\n" in md
+    assert report["paper"] == {"delta_mean_score": pytest.approx(0.05), "dreg_percent": -100.0}
+    assert "| model | score | ΔScore | Reg | dReg% | Gain | E[gain] | E[reg] | agree | dScore(old) | dReg |\n" in md
+    assert "| new | 55.00 |  | 20.00 |  | 40.00 | 25.00 | -50.00 | 100.00 | +0.00 |  |\n" in md
+    assert "| compat | 60.00 | +5.00 | 0.00 | -100.00 | 20.00 | 25.00 | n/a | 100.00 | +5.00 | -20.00 |\n" in md
+    assert "| s2 |  |  | summary 2 | summary 2 | 75.00 | 25.00 | -50.00 |\n" in md
 
 
 def test_report_without_compat_has_one_pair():
     report = r.compatibility_report(records(OLD), records(NEW))
     assert list(report["pairs"]) == ["old->new"] and report["relative"] == {}
-    assert "| new | 37.50 | -12.50 | 25.00 |" in r.format_report_text(report)
+    assert "| new | 37.50 |  | 25.00 |  | 12.50 |" in r.format_report_text(report)
 
 
 @pytest.mark.parametrize("new, message", [
@@ -96,6 +108,55 @@ def test_continuous_records_need_scores():
     new[2]["score"] = None
     with pytest.raises(ValueError, match="id 's2'.*finite numeric `score`"):
         r.compatibility_report(score_records(OLD_S), new)
+
+
+def choice_records(preds, lls=None, norm=None):
+    """Multiple-choice records with per-choice log-likelihoods and acc_norm's choice (GOLD as gold)."""
+    rows = records(preds)
+    for i, row in enumerate(rows):
+        row["prompt"] = f"Question {i}: which one?\nAnswer:"
+        if lls is not None:
+            row["loglikelihoods"] = lls[i]
+        if norm is not None:
+            row.update(acc_norm_prediction=norm[i], correct_norm=norm[i] == GOLD[i])
+    return rows
+
+
+def test_negative_flips_rank_by_the_new_models_margin_and_show_limits_the_table(tmp_path, capsys):
+    # old->new flips at q2 (gold 0, new says 1) and q4 (gold 1, new says 2); new is surer of q4's mistake.
+    new_lls = [[-1.0, -2.0, -3.0, -4.0]] * 8
+    new_lls[2] = [-2.0, -1.5, -3.0, -4.0]  # margin ll[1] - ll[0] = 0.5
+    new_lls[4] = [-3.0, -6.0, -2.0, -9.0]  # margin ll[2] - ll[1] = 4.0
+    old_lls = [[-1.0, -1.0, -1.0, -1.0]] * 8
+    files = [write_jsonl(tmp_path / "old.jsonl", choice_records(OLD, old_lls)),
+             write_jsonl(tmp_path / "new.jsonl", choice_records(NEW, new_lls))]
+    assert compare.main([*files, "--show", "1", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "Worst regressions old->new (1 of 2; all in regressions.jsonl)" in printed
+    assert ("| q4 | Question 4: which one? Answer: | 1 | 1 | 2 | [-1.0, -1.0, -1.0, -1.0] | "
+            "[-3.0, -6.0, -2.0, -9.0] | 4.00 |") in printed and "| q2 |" not in printed
+    flips = [json.loads(line) for line in (tmp_path / "out" / "regressions.jsonl").read_text().splitlines()]
+    assert [(f["id"], f["margin"]) for f in flips] == [("q4", 4.0), ("q2", 0.5)]
+    assert flips[0]["prompt"] == "Question 4: which one?\nAnswer:" and flips[0]["model_loglikelihoods"] == new_lls[4]
+
+
+def test_largest_score_drops_come_first():
+    old, new = score_records([0.9, 0.5, 0.8, 0.2]), score_records([0.1, 0.6, 0.7, 0.2])
+    flips = r.compatibility_report(old, new)["regressions"]
+    assert [(f["id"], round(f["delta"], 6)) for f in flips] == [("s0", -0.8), ("s2", -0.1)]
+
+
+def test_multiple_choice_reports_nfr_under_acc_norm_too():
+    # acc_norm choices: old right at 0-3, new right at 0, 1, 4; compat right at 0-4.
+    norm = {"old": [0, 0, 0, 0, 0, 0, 0, 0], "new": [0, 0, 1, 1, 1, 0, 0, 0], "compat": [0, 0, 0, 0, 1, 0, 0, 0]}
+    report = r.compatibility_report(*(choice_records(p, norm=norm[role])
+                                      for role, p in (("old", OLD), ("new", NEW), ("compat", COMPAT))))
+    block = report["other_metrics"]["acc_norm,none"]
+    assert block["accuracy"] == {"old": 0.5, "new": 0.375, "compat": 0.625}
+    assert block["pairs"] == {"old->new": {"nfr": 0.25, "pfr": 0.125}, "old->compat": {"nfr": 0.0, "pfr": 0.125}}
+    assert block["dnfr_percent"] == -100.0
+    assert "| acc_norm,none | 50.00 | 37.50 | 62.50 | 25.00 | 0.00 | -100.00 |" in r.format_report_text(report)
+    assert list(report["other_metrics"]) == ["acc_norm,none"]  # `score` repeats acc: not listed
 
 
 def _error(argv, capsys) -> str:
@@ -131,7 +192,7 @@ def test_write_report_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatc
     for name in ("matplotlib", "matplotlib.figure"):  # None in sys.modules makes the import fail
         monkeypatch.setitem(sys.modules, name, None)
     written = r.write_report(r.compatibility_report(records(OLD), records(NEW)), tmp_path)
-    assert [p.name for p in written] == ["report.json", "report.md"]
+    assert [p.name for p in written] == ["report.json", "report.md", "regressions.jsonl"]
     assert "`pip install matplotlib`" in (tmp_path / "report.md").read_text()
 
 

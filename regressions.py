@@ -1,0 +1,97 @@
+"""The regressed instances of a model update, worst first: what a user of the old model will notice.
+
+Discrete metrics: the negative flips (old right, new wrong), each with the prompt, the gold
+answer, both predictions and both models' per-choice log-likelihoods where the records have
+them (the paper's Fig. 1 is one such row). They rank by the new model's margin for its wrong
+answer, log p(its choice) - log p(gold), so confident mistakes come first. Continuous scores:
+every instance whose score fell, largest drop first. All rows go to regressions.jsonl; the report
+shows the first few of each pair. No torch.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+CELL = 60  # characters of a prompt or a prediction shown in a table cell
+
+
+def _margin(record: dict) -> float | None:
+    """log p(prediction) - log p(gold) under the record's model; None without log-likelihoods."""
+    lls, gold, pred = record.get("loglikelihoods"), record.get("gold"), record.get("prediction")
+    if not isinstance(lls, list) or not all(isinstance(i, int) and 0 <= i < len(lls) for i in (gold, pred)):
+        return None
+    return float(lls[pred] - lls[gold])
+
+
+def _row(pair: str, role: str, old: dict, other: dict) -> dict[str, Any]:
+    row = {"pair": pair, "model": role, "id": old["id"], "prompt": old.get("prompt") or other.get("prompt"),
+           "gold": old.get("gold", old.get("reference")), "old_prediction": old["prediction"],
+           "model_prediction": other["prediction"]}
+    for who, record in (("old", old), ("model", other)):
+        if "loglikelihoods" in record:
+            row[f"{who}_loglikelihoods"] = record["loglikelihoods"]
+    return row
+
+
+def collect(kind: str, aligned: dict[str, list[dict]], values: dict[str, list]) -> list[dict[str, Any]]:
+    """Every regressed instance of every pair old -> other, worst first within each pair.
+
+    `aligned` holds the matched records per role, `values` the per-instance correctness
+    (discrete) or scores (continuous) the report counts.
+    """
+    rows = []
+    for role in (r for r in aligned if r != "old"):
+        pair, found = f"old->{role}", []
+        for i, (old, other) in enumerate(zip(aligned["old"], aligned[role])):
+            before, after = values["old"][i], values[role][i]
+            if kind == "discrete" and before and not after:
+                found.append(_row(pair, role, old, other) | {"margin": _margin(other)})
+            elif kind == "continuous" and after < before:
+                found.append(_row(pair, role, old, other) | {"old_score": before, "model_score": after,
+                                                             "delta": after - before})
+        if kind == "discrete":  # rows with a margin first, largest first; the others in file order
+            found.sort(key=lambda r: (r["margin"] is None, -(r["margin"] or 0.0)))
+        else:
+            found.sort(key=lambda r: r["delta"])
+        rows += found
+    return rows
+
+
+def _cell(value: Any) -> str:
+    """A value for one markdown table cell: one line, no pipes, at most CELL characters."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        text = "[" + ", ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in value) + "]"
+    else:
+        text = str(value)
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= CELL else text[:CELL - 3] + "..."
+
+
+def table(rows: Sequence[dict], pair: str, show: int) -> list[str]:
+    """Markdown lines for the first `show` regressions of one pair (none: nothing)."""
+    chosen = [r for r in rows if r["pair"] == pair]
+    if not chosen or show <= 0:
+        return []
+    has_lls = any("model_loglikelihoods" in r for r in chosen)
+    continuous = "delta" in chosen[0]
+    header = ["id", "prompt (start)", "gold", "old", pair.split("->")[1]]
+    header += ["old score", "score", "change"] if continuous else []
+    header += ["log-likelihoods old", "log-likelihoods new", "margin"] if has_lls else []
+    lines = [f"Worst regressions {pair} ({min(show, len(chosen))} of {len(chosen)}; all in regressions.jsonl)", "",
+             "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in chosen[:show]:
+        cells = [r["id"], r["prompt"], r["gold"], r["old_prediction"], r["model_prediction"]]
+        if continuous:
+            cells += [f"{100 * r['old_score']:.2f}", f"{100 * r['model_score']:.2f}", f"{100 * r['delta']:+.2f}"]
+        if has_lls:
+            margin = r.get("margin")
+            cells += [r.get("old_loglikelihoods"), r.get("model_loglikelihoods"),
+                      None if margin is None else f"{margin:.2f}"]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines + [""]
+
+
+def to_jsonl(rows: Sequence[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
