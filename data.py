@@ -34,8 +34,8 @@ Padding keeps one sequence per row, so attention never crosses examples and the 
 is exact; bucketing leaves little padding on the paper's tasks (bench/RESULTS.md), so packing
 would save little and would need cross-example attention masks.
 
-Other tasks (the built-in toy tasks of toy.py) join with `register_task(Task(..., loader=f))`,
-where `f(split, data_dir)` returns the items.
+Other tasks join with `register_task(Task(..., loader=f))`, where `f(split, data_dir)` returns
+the items; toy.py registers its toy tasks so when it is imported (train.py and eval.py do).
 """
 from __future__ import annotations
 
@@ -307,33 +307,20 @@ TASKS: dict[str, Task] = {
 
 
 def register_task(task: Task) -> None:
-    """Add a task (toy.py's built-in toy tasks) to `TASKS`; a name is registered once."""
+    """Add a task to `TASKS` (toy.py adds its toy tasks when imported); a name is registered once."""
     if TASKS.get(task.name, task) != task:
         raise ValueError(f"a different task named {task.name!r} is already registered")
     TASKS[task.name] = task
 
 
-def _register_toy_tasks() -> None:
-    """Import toy.py, which registers the built-in toy tasks. toy.py imports this module, so it is
-    imported on demand, as models.py does for the toy models."""
-    try:
-        import toy  # noqa: F401
-    except ModuleNotFoundError as e:
-        if e.name != "toy":  # a dependency of toy.py is missing: say so rather than hide it
-            raise
-
-
 def task_names() -> list[str]:
-    """Every task name, the built-in toy tasks included."""
-    _register_toy_tasks()
+    """Every registered task name."""
     return sorted(TASKS)
 
 
 def get_task(task: str | Task) -> Task:
     if isinstance(task, Task):
         return task
-    if task not in TASKS:
-        _register_toy_tasks()
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known tasks: {sorted(TASKS)}")
     return TASKS[task]

@@ -42,6 +42,7 @@ import files
 import lora
 import metrics
 import models
+import toy  # noqa: F401  (registers the toy tasks and the toy bases)
 
 
 # ------------------------------------------------------------------ log-likelihood requests

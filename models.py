@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -171,10 +171,24 @@ def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
     return tok
 
 
+# Names of checkpoints built on this machine instead of downloaded: name -> build(name), which
+# returns the checkpoint directory (building it on first use). toy.py registers its bases here.
+BUILDERS: dict[str, Callable[[str], Path]] = {}
+
+
+def register_builder(name: str, build: Callable[[str], Path]) -> None:
+    """Make `name` resolve to `build(name)`; a name is registered once (again with the same builder
+    is a no-op), and cannot shadow a REGISTRY name."""
+    if name in REGISTRY or BUILDERS.get(name, build) != build:
+        raise ValueError(f"a different model named {name!r} is already registered")
+    BUILDERS[name] = build
+
+
 def resolve(name_or_path: str | Path, local_only: bool = False) -> Path:
-    """A local directory, a registry name, a hub repo id (org/name) or a toy model name -> a local
-    checkpoint dir (downloaded or built on first use). `local_only`: a hub repo must already be in
-    the Hugging Face cache (another process of this machine downloaded it); no network."""
+    """A local directory, a registry name, a hub repo id (org/name) or a built model's name
+    (BUILDERS) -> a local checkpoint dir (downloaded or built on first use). `local_only`: a hub
+    repo must already be in the Hugging Face cache (another process of this machine downloaded it);
+    no network."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -183,23 +197,12 @@ def resolve(name_or_path: str | Path, local_only: bool = False) -> Path:
         return download(REGISTRY[name], local_only)
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return download(name, local_only)
-    toy_models = _toy_models()
-    if name in toy_models:
-        return Path(toy_models[name](name))
+    if name in BUILDERS:
+        return Path(BUILDERS[name](name))
     raise ValueError(
         f"unknown model {name!r}: not a directory, a registry name or a hub repo id (org/name). "
-        f"Known names: {', '.join(sorted(REGISTRY) + sorted(toy_models))}"
+        f"Known names: {', '.join(sorted(REGISTRY) + sorted(BUILDERS))}"
     )
-
-
-def _toy_models() -> dict[str, Any]:
-    """Toy model name -> builder, from toy.py, imported only when needed (it builds checkpoints on first
-    use); empty when toy.py is absent."""
-    try:
-        import toy
-    except ImportError:
-        return {}
-    return {name: toy.ensure_model for name in getattr(toy, "TOY_MODELS", ())}
 
 
 # Only the files a checkpoint needs from the hub; weights are chosen below.

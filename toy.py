@@ -50,6 +50,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import data
+import models
 import toy_vocab
 
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
@@ -199,8 +201,6 @@ def mc_items(creatures: list[Creature], split: str, seed: int, n_choices: int = 
     The kind's rule value is always among the choices: on an exception it is the trap a model
     falls into when it answers by the rule instead of the creature's own fact.
     """
-    import data
-
     rng = random.Random(f"toy-mc/{split}/{seed}")
     items = []
     for c in creatures:
@@ -219,8 +219,6 @@ def mc_items(creatures: list[Creature], split: str, seed: int, n_choices: int = 
 
 def gen_items(creatures: list[Creature], split: str) -> list:
     """toy-gen: how many legs / how old, answered GSM8K-style "#### N" so exact match scores it."""
-    import data
-
     return [data.Generation(id=f"toy-gen/{split}/{c.name}/{attribute}",
                             prompt=_prompt(question.format(e=c.name)),
                             references=[f"#### {c.value(attribute)}"],
@@ -378,7 +376,6 @@ def pretrain(spec: BaseSpec, creatures: list[Creature], tok, run_dir: Path, desc
     """A freshly initialised model of `spec` trained on its corpus sample with `trainer.fit`."""
     import torch
 
-    import models
     import trainer
 
     torch.manual_seed(spec.seed)
@@ -503,14 +500,14 @@ def load_items(task: str, split: str, size: str | None = None) -> list:
     return gen_items(creatures, split)
 
 
-def register_tasks() -> None:
-    """Add toy-mc and toy-gen to data.TASKS (idempotent)."""
-    import data
-
+def register() -> None:
+    """Add toy-mc and toy-gen to data.TASKS and the toy bases to models.BUILDERS (idempotent)."""
     data.register_task(data.Task("toy-mc", "multiple_choice", "test", _loader("toy-mc")))
     # Answers are "#### N" with N one token: at most 4 new tokens ("####", N, EOS and one spare).
     data.register_task(data.Task("toy-gen", "generation", "test", _loader("toy-gen"), metric="exact_match",
                                  max_new_tokens=4, stop=("Question:", EOS)))
+    for name in TOY_MODELS:
+        models.register_builder(name, ensure_model)
 
 
 @dataclass(frozen=True)
@@ -523,4 +520,4 @@ class _loader:
         return load_items(self.task, split)
 
 
-register_tasks()  # importing toy makes its tasks known to data.TASKS (as models.py does for its names)
+register()  # importing toy makes its tasks and models known to data and models

@@ -53,6 +53,7 @@ import models
 import muscle
 import predictions
 import report
+import toy  # noqa: F401  (registers the toy tasks and the toy bases)
 from distributed import Dist
 from teacher_cache import TeacherCache
 from trainer import Diverged, FitConfig, Interrupted, LossFn, fit

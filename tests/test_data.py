@@ -366,8 +366,10 @@ def test_batches_cover_every_example_once_and_bucket_lengths():
     assert data.padding_waste([[([1, 2, 3], []), ([1], [])]]) == pytest.approx(2 / 6)
 
 
-def test_toy_tasks_are_found_without_importing_toy_first():
-    """`--task toy-mc` works in a fresh process: data imports toy.py on demand."""
-    code = "import data; print(data.get_task('toy-mc').kind, 'toy-gen' in data.task_names())"
+def test_toy_tasks_are_known_once_an_entry_point_is_imported():
+    """`--task toy-mc` works in a fresh process: train.py and eval.py import toy.py, which registers
+    its tasks; data alone knows only the paper's."""
+    code = ("import data; before = data.task_names(); import eval; "
+            "print('toy-mc' in before, data.get_task('toy-mc').kind, 'toy-gen' in data.task_names())")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["multiple_choice", "True"]
+    assert out.stdout.split() == ["False", "multiple_choice", "True"]

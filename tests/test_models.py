@@ -1,13 +1,16 @@
 """models.py: registry, hub downloads (against a local fake hub), dtypes and the errors a user can cause."""
 import json
+import subprocess
 import sys
-import types
+from pathlib import Path
 
 import pytest
 import torch
 from fake_hub import FakeHub, max_logit_diff, save_checkpoint, tiny_hf_model, use_fake_hub, write_word_tokenizer
 
 import models
+
+ROOT = Path(__file__).resolve().parent.parent
 
 NEEDED = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 
@@ -68,12 +71,24 @@ def test_registry_names_map_to_paper_models():
     assert models.REGISTRY["phi1.5"] == "microsoft/phi-1_5"
 
 
-def test_toy_models_resolve_through_the_toy_module(monkeypatch, llama_dir):
-    toy = types.SimpleNamespace(TOY_MODELS={"toy-v1": None}, ensure_model=lambda name: llama_dir)
-    monkeypatch.setitem(sys.modules, "toy", toy)
-    assert models.resolve("toy-v1") == llama_dir
+def test_registered_builders_resolve_and_are_listed(monkeypatch, llama_dir):
+    monkeypatch.setattr(models, "BUILDERS", {})
+    built = []
+    models.register_builder("toy-v1", lambda name: built.append(name) or llama_dir)
+    assert models.resolve("toy-v1") == llama_dir and built == ["toy-v1"]
     with pytest.raises(ValueError, match="toy-v1"):
         models.resolve("no-such-model")
+    with pytest.raises(ValueError, match="already registered"):
+        models.register_builder("toy-v1", lambda name: llama_dir)
+    with pytest.raises(ValueError, match="already registered"):
+        models.register_builder("llama2", lambda name: llama_dir)
+
+
+def test_the_library_modules_do_not_load_toy():
+    """toy.py is a client of data's and models' registries: only the entry points import it."""
+    code = "import data, models, muscle, lora, trainer; import sys; print('toy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"]
 
 
 def test_default_dtype_is_float32_and_bfloat16_on_request(llama_dir):

@@ -111,10 +111,11 @@ def test_gen_items_are_scored_by_gsm8k_exact_match():
     assert not metrics.exact_match(metrics.extract_strict("#### 99"), item.references[0])
 
 
-def test_importing_toy_registers_its_tasks_in_data():
+def test_importing_toy_registers_its_tasks_in_data_and_its_bases_in_models():
     assert data.TASKS["toy-mc"].kind == "multiple_choice"
     assert data.TASKS["toy-gen"].metric == "exact_match"
-    toy.register_tasks()  # idempotent
+    assert {name: models.BUILDERS[name] for name in toy.TOY_MODELS} == dict.fromkeys(toy.TOY_MODELS, toy.ensure_model)
+    toy.register()  # idempotent
     assert len(data.load_task("toy-mc", "test")) > 0
     with pytest.raises(ValueError, match="no split"):
         toy.load_items("toy-mc", "validation")
