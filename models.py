@@ -1,7 +1,9 @@
 """Model registry and loading: a registry name, a local HF checkpoint directory or a hub repo id.
 
 The paper's update chains (its Table 8) are Llama-1 -> Llama-2 -> Vicuna and Phi-1 -> Phi-1.5 ->
-Phi-2; REGISTRY maps the short names used on the command line to their hub repos. Loading builds the
+Phi-2; REGISTRY maps the short names used on the command line to their hub repos, and REVISIONS
+pins each repo to one hub commit, so a name always downloads the same files (pairs.py lists the
+paper's updates by these names). Loading builds the
 model on the meta device and assigns checkpoint tensors shard by shard, so a 7B model never needs
 twice its size in memory. Only safetensors, or `.bin` through `torch.load(weights_only=True)`: never
 pickle, never remote code.
@@ -28,7 +30,28 @@ REGISTRY: dict[str, str] = {
     "phi1": "microsoft/phi-1",
     "phi1.5": "microsoft/phi-1_5",
     "phi2": "microsoft/phi-2",
+    "smollm-135m": "HuggingFaceTB/SmolLM-135M",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
 }
+
+# Hub commit of each registry repo: the snapshot ids under which these repos are cached in
+# public code. A repo without one here downloads its main branch (`unpinned()` names them).
+REVISIONS: dict[str, str] = {
+    "huggyllama/llama-7b": "8416d3fefb0cb3ff5775a7b13c1692d10ff1aa16",
+    "meta-llama/Llama-2-7b-hf": "01c7f73d771dfac7d292323805ebc428287df4f9",
+    "meta-llama/Meta-Llama-3-8B": "8cde5ca8380496c9a6cc7ef3a8b46a0372a1d920",
+    "lmsys/vicuna-7b-v1.3": "236eeeab96f0dc2e463f2bebb7bb49809279c6d6",
+    "lmsys/vicuna-7b-v1.5": "3321f76e3f527bd14065daf69dad9344000a201d",
+    "microsoft/phi-1": "b9ac0e6d78d43970ecf88e9e0154b3a7da20ed89",
+    "microsoft/phi-1_5": "675aa382d814580b22651a30acb1a585d7c25963",
+    "microsoft/phi-2": "ef382358ec9e382308935a992d908de099b64c23",
+    "HuggingFaceTB/SmolLM2-135M": "93efa2f097d58c2a74874c7e644dbc9b0cee75a2",
+}
+
+
+def unpinned() -> list[str]:
+    """Registry names whose repo has no pinned commit yet (they follow the repo's main branch)."""
+    return sorted(name for name, repo in REGISTRY.items() if repo not in REVISIONS)
 
 # model_type -> (config class, model class)
 FAMILIES: dict[str, tuple[Any, type[nn.Module]]] = {
@@ -220,8 +243,9 @@ def download(repo_id: str, local_only: bool = False) -> Path:
     """Download config, tokenizer and weights of a hub repo into the HF cache; return the snapshot dir.
 
     Weights are safetensors when the repo has them, else `.bin` (e.g. lmsys/vicuna-7b-v1.3), never
-    both; other files (flax/tf weights, Meta's original/ folder) are not fetched. The answer is
-    kept for the process, so the later loads of a run do not query the hub again.
+    both; other files (flax/tf weights, Meta's original/ folder) are not fetched. A repo pinned in
+    REVISIONS is fetched at that commit, any other at its main branch. The answer is kept for the
+    process, so the later loads of a run do not query the hub again.
     `local_only`: read the cache only (huggingface_hub's local_files_only).
     """
     from huggingface_hub import constants
@@ -233,14 +257,16 @@ def download(repo_id: str, local_only: bool = False) -> Path:
 
 
 def _snapshot(repo_id: str, local_only: bool) -> Path:
+    revision = REVISIONS.get(repo_id)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        path = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES + SAFETENSORS_FILES,
-                                      local_files_only=local_only))
+        path = Path(snapshot_download(repo_id, revision=revision, local_files_only=local_only,
+                                      allow_patterns=HUB_FILES + SAFETENSORS_FILES))
         if not any(path.glob("model*.safetensors")):
-            path = Path(snapshot_download(repo_id, allow_patterns=BIN_FILES, local_files_only=local_only))
+            path = Path(snapshot_download(repo_id, revision=revision, local_files_only=local_only,
+                                          allow_patterns=BIN_FILES))
     except GatedRepoError as e:
         raise PermissionError(_login_help(repo_id, "is gated")) from e
     except RepositoryNotFoundError as e:

@@ -51,6 +51,7 @@ import lock
 import lora
 import models
 import muscle
+import pairs
 import predictions
 import report
 import toy  # noqa: F401  (registers the toy tasks and the toy bases)
@@ -521,6 +522,10 @@ def check_run_config(out: Path, args: argparse.Namespace, env: Dist) -> None:
 
 def run(args: argparse.Namespace, env: Dist) -> None:
     out = Path(args.out or f"runs/{Path(args.old).name}-{Path(args.new).name}-{args.task}")
+    if args.cross_vocab == "off":  # before anything is downloaded
+        refused = pairs.refusal(args.old, args.new)
+        if refused:
+            raise ValueError(refused)
     fetch_models(args, env)
     cross = vocabulary_changes(args)
     check_max_len(args)
@@ -591,6 +596,17 @@ TOKENS_HELP = (
     "first token after a BOS that only --new adds) follows M2.")
 
 
+class ListPairs(argparse.Action):
+    """--list-pairs: print the paper's model updates (pairs.py) and exit, like --version."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(pairs.table())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every hyper-parameter is a flag with the paper's default, shown by --help."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -609,6 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--stage", default="all", choices=["1", "2", "3", "4", "all"],
       help="1: task adapter on --old, 2: on --new, 3: compatibility adapter, 4: evaluation")
     a("--overwrite", action="store_true", help="delete a different run in --out and start over")
+    a("--list-pairs", action=ListPairs,
+      help="print the paper's model updates (Table 8) and a 135M one by registry name, with hub "
+           "repos, commits and whether each trains as is, then exit")
     g = p.add_argument_group("optimisation (paper appendix A.1)").add_argument
     g("--epochs", type=cli.POSITIVE_INT, default=10, help="passes over the 80%% training split")
     g("--lr", type=cli.POSITIVE_FLOAT, default=1e-4, help="AdamW peak learning rate")

@@ -300,7 +300,7 @@ def test_help_shows_every_default():
     options = [a for a in parser._actions if a.dest != "help"]
     assert all(a.help for a in options)  # ArgumentDefaultsHelpFormatter shows defaults only then
     text = " ".join(parser.format_help().split())
-    assert text.count("(default: ") == len(options) == 34
+    assert text.count("(default: ") == len(options) == 35
     for flag, default in [("--epochs EPOCHS", "10"), ("--lr LR", "0.0001"), ("--rank RANK", "128"),
                           ("--warmup-steps WARMUP_STEPS", "500"), ("--alpha ALPHA", "256"),
                           ("--temperature TEMPERATURE", "2.0"), ("--grad-accum GRAD_ACCUM", "8")]:
