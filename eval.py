@@ -503,7 +503,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Evaluate a model (+ LoRA adapter) on a task; print the metrics, write one JSON "
                     "line per instance. `python eval.py compare OLD NEW [COMPAT]` prints the "
-                    "compatibility report instead (see `python eval.py compare --help`).",
+                    "compatibility report instead (see `python eval.py compare --help`), `python eval.py "
+                    "summary RUN_DIR...` the table of several updates (`python eval.py summary --help`).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="registry name, local HF checkpoint dir or hub repo id")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to put on the model")
@@ -595,6 +596,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import compare  # the report needs no torch model; imported only for the subcommand
 
         return compare.main(argv[1:])
+    if argv[:1] == ["summary"]:
+        import summary
+
+        return summary.main(argv[1:])
     args = parse_args(argv)
     try:
         run(args)

@@ -179,7 +179,7 @@ def test_rouge1_hand_computed():
     assert m.rouge1("", "a summary") == 0.0
 
 
-@pytest.mark.parametrize("module", ["metrics", "predictions", "harness", "regressions", "report", "compare"])
+@pytest.mark.parametrize("module", ["metrics", "predictions", "harness", "regressions", "report", "compare", "summary"])
 def test_comparing_needs_no_torch(module):
     code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(m.__file__).parent).returncode == 0

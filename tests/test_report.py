@@ -203,3 +203,41 @@ def test_write_report_draws_a_png(tmp_path, make):
     written = r.write_report(make(), tmp_path)
     assert written[-1].name == "report.png" and written[-1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![quadrants and scores](report.png)" in (tmp_path / "report.md").read_text()
+
+
+# --- `eval.py summary`: several updates in one table ---
+
+def test_summary_of_prediction_folders_has_the_paper_columns(tmp_path, capsys):
+    import summary
+
+    first, second = tmp_path / "v1-v2", tmp_path / "v1-v3"
+    first.mkdir(), second.mkdir()
+    for name, preds in (("old", OLD), ("new", NEW), ("compat", COMPAT)):
+        write_jsonl(first / f"{name}.jsonl", records(preds))
+    for name, values in (("m1", OLD_S), ("m2", NEW_S)):  # a continuous update, no compat model
+        write_jsonl(second / f"{name}.jsonl", score_records(values))
+    out = tmp_path / "summary"
+    assert summary.main([str(first), str(second), "--out", str(out)]) == 0
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert {k: rows[0][k] for k in ("update", "task", "metric", "n", "acc_old", "acc_new", "acc_compat",
+                                    "delta_acc", "nfr_m1_m2", "nfr_m1_mc", "dnfr_percent", "pfr_m1_m2", "pfr_m1_mc")} \
+        == {"update": "v1-v2", "task": "piqa", "metric": "acc,none", "n": 8, "acc_old": 0.5, "acc_new": 0.375,
+            "acc_compat": 0.625, "delta_acc": 0.25, "nfr_m1_m2": 0.25, "nfr_m1_mc": 0.0, "dnfr_percent": -100.0,
+            "pfr_m1_m2": 0.125, "pfr_m1_mc": 0.125}
+    assert (rows[1]["kind"], rows[1]["nfr_m1_m2"], rows[1]["pfr_m1_m2"], rows[1]["acc_compat"]) == \
+        ("continuous", 0.2, 0.4, None)
+    md = (out / "summary.md").read_text()
+    assert "| v1-v2 | piqa | acc,none | 8 | 50.00 | 37.50 | 62.50 | +25.00 | 25.00 | 0.00 | -100.00 | 12.50 | 12.50 |" in md
+    assert "| v1-v3 | samsum | score,none | 5 | 55.00 | 55.00 | n/a | n/a | 20.00 | n/a | n/a | 40.00 | n/a |" in md
+    assert "| v1-v2 | piqa |" in capsys.readouterr().out
+    if (out / "summary.png").exists():
+        assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summary_refuses_a_folder_without_predictions(tmp_path, capsys):
+    import summary
+
+    (tmp_path / "empty").mkdir()
+    assert summary.main([str(tmp_path / "empty"), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'empty'} holds no m1.jsonl + m2.jsonl") and err.count("\n") == 1

@@ -1,6 +1,8 @@
 """toy.py: the synthetic world is deterministic, its tasks split cleanly, and its checkpoints are
 ordinary HF directories that load through models.py (and transformers, the oracle), rebuilt when
 missing or corrupt. Uses the micro scenario so every build takes seconds."""
+import contextlib
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -191,15 +193,40 @@ def test_unknown_names_raise_clear_errors(monkeypatch):
 
 
 # ---------------------------------------------------------------- the README's first command, smaller
-def test_first_command_end_to_end_on_micro_models(micro_env, tmp_path, capsys):
-    """`train.py @configs/toy-mc.args` on the micro models and a slice of the task: every stage
-    writes its outputs and the report has every field."""
+def _micro_flags(out, *extra):
+    flags_file = Path(__file__).resolve().parent.parent / "configs" / "toy-mc.args"
+    return [f"@{flags_file}", "--out", str(out), "--epochs", "1", "--limit-train", "40",
+            "--limit-eval", "30", "--rank", "2", *extra]
+
+
+def _train_once(cache, out, *extra):
+    """train.py on the micro models, once per module; (run directory, what it printed)."""
     import train
 
-    out = tmp_path / "run"
-    flags_file = Path(__file__).resolve().parent.parent / "configs" / "toy-mc.args"
-    args = [f"@{flags_file}", "--out", str(out), "--epochs", "1", "--limit-train", "40", "--limit-eval", "30", "--rank", "2"]
-    assert train.main(args) == 0
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setenv("MUSCLE_CACHE", str(cache[0]))
+        mp.setenv("MUSCLE_TOY_SIZE", "micro")
+        assert train.main(_micro_flags(out, *extra)) == 0
+    return out, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def toy_run(cache, tmp_path_factory):
+    """`train.py @configs/toy-mc.args` (toy-v1 -> toy-v2) on the micro models and a slice of the task."""
+    return _train_once(cache, tmp_path_factory.mktemp("toy-run") / "run")
+
+
+@pytest.fixture(scope="module")
+def cross_vocab_run(cache, tmp_path_factory):
+    """toy-v1 -> toy-v3, an update that changes the vocabulary, trained with --cross-vocab fill."""
+    return _train_once(cache, tmp_path_factory.mktemp("cross-vocab-run") / "run", "--new", "toy-v3",
+                       "--cross-vocab", "fill")
+
+
+def test_first_command_end_to_end_on_micro_models(toy_run):
+    """Every stage writes its outputs and the report has every field."""
+    out, printed = toy_run
     for stage in ("stage1_task_old", "stage2_task_new", "stage3_compat"):
         assert (out / stage / "DONE").is_file()
         assert {p.name for p in (out / stage / "adapter").iterdir()} >= {"adapter_config.json",
@@ -216,16 +243,12 @@ def test_first_command_end_to_end_on_micro_models(micro_env, tmp_path, capsys):
         assert {"nfr", "pfr", "btc", "nfr_ext", "inconsistency_flips", "quadrants"} <= set(report["pairs"][pair])
         assert sum(report["pairs"][pair]["quadrants"].values()) == 30
     assert "nfr" in report["relative"] and (evald / "report.md").is_file()
-    assert "Compatibility report: toy-mc" in capsys.readouterr().out
+    flips = (evald / "regressions.jsonl").read_text().splitlines()
+    assert len(flips) == sum(report["pairs"][p]["quadrants"]["negative_flip"] for p in report["pairs"])
+    assert "Compatibility report: toy-mc" in printed
 
 
-def _micro_flags(out, *extra):
-    flags_file = Path(__file__).resolve().parent.parent / "configs" / "toy-mc.args"
-    return [f"@{flags_file}", "--out", str(out), "--epochs", "1", "--limit-train", "40",
-            "--limit-eval", "30", "--rank", "2", *extra]
-
-
-def test_cross_vocab_end_to_end_on_micro_models(micro_env, tmp_path, capsys):
+def test_cross_vocab_end_to_end_on_micro_models(micro_env, cross_vocab_run, tmp_path, capsys):
     """toy-v1 -> toy-v3 changes the vocabulary: refused without --cross-vocab (exit 2, the
     error names the flag), trained with it; stage 3's summary holds the coverage shares."""
     import train
@@ -233,15 +256,32 @@ def test_cross_vocab_end_to_end_on_micro_models(micro_env, tmp_path, capsys):
     assert train.main(_micro_flags(tmp_path / "refused", "--new", "toy-v3")) == 2
     err = capsys.readouterr().err
     assert "do not share a vocabulary" in err and "pass --cross-vocab fill" in err
-    out = tmp_path / "run"
-    assert train.main(_micro_flags(out, "--new", "toy-v3", "--cross-vocab", "fill")) == 0
+    out, printed = cross_vocab_run
     shares = json.loads((out / "stage3_compat" / "DONE").read_text())["cross_vocab"]
     # Names are the only words the two vocabularies spell differently: most label tokens align.
     assert 0.6 < shares["aligned"] < 1 and 0 < shares["mapped_mass"] < 1
     assert 0 < shares["followed_old"] <= shares["aligned"]  # the micro student is mostly wrong
-    assert "of label tokens aligned with an M1 position" in capsys.readouterr().out
+    assert "of label tokens aligned with an M1 position" in printed
     report = json.loads((out / "stage4_eval" / "report.json").read_text())
     assert report["n"] == 30
+
+
+def test_summary_of_two_toy_updates(toy_run, cross_vocab_run, tmp_path):
+    """`eval.py summary` over two finished runs: one row per update, the numbers of each run's report."""
+    import summary
+
+    assert summary.main([str(toy_run[0]), str(cross_vocab_run[0]), "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    assert [(r["update"], r["task"], r["n"]) for r in rows] == [("toy-v1 -> toy-v2", "toy-mc", 30),
+                                                                 ("toy-v1 -> toy-v3", "toy-mc", 30)]
+    for row, (out, _) in zip(rows, (toy_run, cross_vocab_run)):
+        report = json.loads((out / "stage4_eval" / "report.json").read_text())
+        assert (row["acc_old"], row["acc_new"], row["acc_compat"]) == tuple(
+            report["models"][m]["accuracy"] for m in ("old", "new", "compat"))
+        assert (row["nfr_m1_m2"], row["nfr_m1_mc"], row["dnfr_percent"]) == (
+            report["pairs"]["old->new"]["nfr"], report["pairs"]["old->compat"]["nfr"], report["relative"]["nfr"])
+        assert row["delta_acc"] == report["paper"]["delta_accuracy"]
+    assert "| toy-v1 -> toy-v3 | toy-mc | acc,none | 30 |" in (tmp_path / "summary.md").read_text()
 
 
 def test_one_vocabulary_ignores_cross_vocab_bit_for_bit(micro_env, tmp_path):
