@@ -68,8 +68,19 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> Dist:
 
 
 def teardown() -> None:
-    if dist.is_initialized():
+    if in_process_group():
         dist.destroy_process_group()
+
+
+def in_process_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the process group, or the only process: the one that writes what every rank
+    computed. `Dist.main` answers the same for code that holds a `Dist`; this is for code that
+    is given none (lora.save_adapter)."""
+    return not in_process_group() or dist.get_rank() == 0
 
 
 def all_reduce_sum(values: list[float], env: Dist) -> list[float]:
@@ -135,11 +146,12 @@ def shard(model: nn.Module, env: Dist) -> nn.Module:
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on CPU; a sharded DTensor is gathered (every rank must call)."""
+    """The whole tensor on CPU, contiguous (as safetensors writes it); a sharded DTensor is
+    gathered (every rank must call)."""
     t = t.detach()
     if hasattr(t, "full_tensor"):
         t = t.full_tensor()
-    return t.cpu()
+    return t.cpu().contiguous()
 
 
 @torch.no_grad()

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import distributed
 import files
 
 # Paper appendix A.1: rank 128 on all linear layers, dropout 0. The alpha row printed "156" lost
@@ -319,17 +320,9 @@ def unmerge_adapter(model: nn.Module, name: str) -> None:
 
 # ---------------------------------------------------------------- PEFT file format
 
-def _full_tensor(p: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on CPU; an FSDP2 DTensor shard is all-gathered (every rank must call)."""
-    t = p.detach()
-    if hasattr(t, "full_tensor"):
-        t = t.full_tensor()
-    return t.cpu().contiguous()
-
-
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Adapter `name`'s A and B as full CPU tensors under PEFT's saved key names."""
-    return {f"{PEFT_PREFIX}{path}.lora_{ab}.weight": _full_tensor(p)
+    return {f"{PEFT_PREFIX}{path}.lora_{ab}.weight": distributed.full_tensor(p)
             for path, ab, p in _adapter_weights(model, name)}
 
 
@@ -343,10 +336,6 @@ def _peft_config(spec: AdapterSpec, base_model_name_or_path: str | None) -> dict
             "base_model_name_or_path": base_model_name_or_path, "inference_mode": True}
 
 
-def _is_writer() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
                  base_model_name_or_path: str | None = None) -> None:
     """Write adapter `name` to directory `path` in PEFT's format. Under torch.distributed every
@@ -354,14 +343,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     replaced first and adapter_config.json last, so a crash never leaves a config pointing at
     half-written weights."""
     state = adapter_state_dict(model, name)
-    if _is_writer():
+    if distributed.is_main_process():
         spec = _layers_with(model, name)[0][1].specs[name]
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         files.replace_atomic(out / WEIGHTS_NAME, lambda f: save_file(state, f, metadata={"format": "pt"}))
         config = json.dumps(_peft_config(spec, base_model_name_or_path), indent=2, sort_keys=True)
         files.write_text_atomic(out / CONFIG_NAME, config + "\n")
-    if dist.is_available() and dist.is_initialized():
+    if distributed.in_process_group():
         dist.barrier()  # no rank reads the adapter before it is complete
 
 
