@@ -22,3 +22,12 @@ def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.skip(f"real task data not found at {DATA_DIR} (set MUSCLE_DATA_DIR)")
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> tuple[str, str]:
+    """Two tiny random Llama checkpoints (v1, v2) of one tokenizer, built once per session."""
+    from tiny import make_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    return str(make_checkpoint(root / "v1", seed=1)), str(make_checkpoint(root / "v2", seed=2))

@@ -15,7 +15,7 @@ import models
 import muscle
 import train
 from distributed import Dist
-from test_train import CORPUS, make_checkpoint, tiny_flags
+from tiny import CORPUS, make_checkpoint, tiny_flags
 
 
 @pytest.mark.parametrize("student, teacher, expected", [

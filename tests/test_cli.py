@@ -12,7 +12,7 @@ import models
 import train
 from conftest import DATA_DIR
 from test_reliability import assert_one_line_error
-from test_train import tiny_flags, tiny_models  # noqa: F401 (fixture)
+from tiny import tiny_flags
 
 TRAIN_BAD = [
     ("--epochs", "0", "0 is out of range: expected an integer >= 1"),

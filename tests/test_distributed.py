@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from test_train import ONE_THREAD, ROOT, read_log, tiny_flags, tiny_models  # noqa: F401 (fixture)
+from tiny import ONE_THREAD, ROOT, read_log, tiny_flags
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 

@@ -6,7 +6,7 @@ import subprocess
 
 import torch
 
-from test_train import ONE_THREAD, ROOT
+from tiny import ONE_THREAD, ROOT
 
 
 def gpu_check(tmp_path, *args, env=None) -> subprocess.CompletedProcess:

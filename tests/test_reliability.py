@@ -19,7 +19,7 @@ import models
 import muscle
 import train
 from distributed import Dist
-from test_train import CORPUS, ROOT, read_log, tiny_flags, tiny_models  # noqa: F401 (fixture)
+from tiny import CORPUS, ROOT, read_log, tiny_flags
 
 LLAMA = dict(model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,

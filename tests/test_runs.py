@@ -14,7 +14,7 @@ import lock
 import train
 import trainer
 from test_reliability import assert_one_line_error
-from test_train import FIT, quadratic_problem, read_log, tiny_flags, tiny_models  # noqa: F401 (fixture)
+from tiny import FIT, quadratic_problem, read_log, tiny_flags
 
 
 def dead_pid() -> int:

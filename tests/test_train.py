@@ -1,9 +1,8 @@
-"""Tests of train.py, trainer.py and checkpoint.py on tiny random Llama checkpoints (CPU)."""
+"""Tests of train.py on tiny random Llama checkpoints (CPU): the losses of stages 1-3, the
+pipeline end to end, its flags, interruptions and the teacher cache."""
 import argparse
-import errno
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -22,55 +21,7 @@ import teacher_cache
 import train
 import trainer
 from distributed import Dist
-from fake_hub import write_tiny_llama
-
-ROOT = Path(__file__).resolve().parent.parent
-# Tiny models: one thread, so that a busy 2-core machine does not wait for descheduled threads.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-CORPUS = ["the quick brown fox jumps over the lazy dog", "to open a jar, twist the lid",
-          "use a towel to dry the dishes", "Goal: clean a shoe. Solution: brush it"] * 20
-
-
-def make_tokenizer(directory: Path, vocab_size: int = 300, corpus=CORPUS) -> None:
-    """A tiny byte-level BPE tokenizer.json with <s>, </s> (Llama-style: BOS added)."""
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
-
-    tok = Tokenizer(tok_models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    directory.mkdir(parents=True, exist_ok=True)
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
-
-
-def make_checkpoint(directory: Path, seed: int, vocab_size: int = 300, corpus=CORPUS) -> Path:
-    """A 2-layer, hidden-32 random Llama (GQA) with the tiny tokenizer, as a HF checkpoint dir."""
-    make_tokenizer(directory, vocab_size, corpus)
-    return write_tiny_llama(directory, seed, vocab_size)
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp("tiny")
-    return str(make_checkpoint(root / "v1", seed=1)), str(make_checkpoint(root / "v2", seed=2))
-
-
-def tiny_flags(old, new, data_dir, out, *extra) -> list[str]:
-    """A few seconds of the whole pipeline: 25 PIQA items (20 train / 5 val: the last validation
-    batch has one row, the last step one micro-batch), 8 test items."""
-    return ["--old", old, "--new", new, "--task", "piqa", "--data-dir", str(data_dir),
-            "--out", str(out), "--limit-train", "25", "--limit-eval", "8", "--epochs", "2",
-            "--batch-size", "4", "--grad-accum", "2", "--rank", "4", "--alpha", "8",
-            "--max-len", "48", "--warmup-steps", "2", "--log-every", "1", "--chunk-size", "16",
-            *extra]
-
-
-def read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from tiny import CORPUS, ONE_THREAD, ROOT, make_checkpoint, read_log, tiny_flags
 
 
 # ------------------------------------------------------------------------- loss normalisation
@@ -173,95 +124,6 @@ def test_activation_checkpointing_keeps_names_and_gradients(tiny_models):
         grads.append({n: p.grad for n, p in params.items()})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-8)
-
-
-def test_lr_schedule_warmup_then_cosine():
-    assert [trainer.lr_factor(s, 4, 12) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert trainer.lr_factor(8, 4, 12) == pytest.approx(0.5)
-    assert trainer.lr_factor(12, 4, 12) == pytest.approx(0.0)
-
-
-# ------------------------------------------------------------------------- fit: stop, NaN, resume
-
-
-def quadratic_problem(nan_at=None, signal_at=None):
-    """A 3-parameter least-squares problem for fit, with an optional NaN or SIGTERM at a call.
-
-    Batches are (x, y) with y = x . [1, -2, 0.5]; the weights start at 0."""
-    model = torch.nn.Linear(3, 1, bias=False)
-    torch.nn.init.zeros_(model.weight)
-    target = torch.tensor([[1.0, -2.0, 0.5]])
-    calls = {"n": 0}
-
-    def loss_fn(batch):
-        x, y = batch
-        calls["n"] += 1
-        if calls["n"] == signal_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        loss = ((model(x) - y) ** 2).sum()
-        return (loss * math.nan if calls["n"] == nan_at else loss), x.shape[0]
-
-    g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(2, 3, generator=g) for _ in range(6)]
-    data = [(x, x @ target.T) for x in xs]
-    return model, loss_fn, (lambda epoch: data), data[:2]
-
-
-FIT = trainer.FitConfig(epochs=2, lr=0.1, warmup_steps=1, grad_accum=2, save_every=1, log_every=1)
-
-
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    model, loss_fn, batches, val = quadratic_problem(nan_at=5)  # step 3's first micro-batch
-    with pytest.raises(trainer.Diverged, match="loss is nan at step 3.*last good checkpoint"):
-        trainer.fit(model, dict(model.named_parameters()), loss_fn, batches, val, FIT, tmp_path)
-    tensors, state = checkpoint.load(tmp_path / "checkpoint")
-    assert state["step"] == 2
-    torch.testing.assert_close(tensors["param/weight"], model.weight.detach())  # not updated
-
-
-def test_sigterm_checkpoints_then_resume_matches_an_uninterrupted_run(tmp_path):
-    model, loss_fn, batches, val = quadratic_problem()
-    whole = trainer.fit(model, dict(model.named_parameters()), loss_fn, batches, val, FIT, tmp_path / "a")
-    reference = model.weight.detach().clone()
-
-    model, loss_fn, batches, val = quadratic_problem(signal_at=3)  # during step 2
-    with pytest.raises(trainer.Interrupted, match="interrupted at step 2.*rerun") as info:
-        trainer.fit(model, dict(model.named_parameters()), loss_fn, batches, val, FIT, tmp_path / "b")
-    assert info.value.signum == signal.SIGTERM
-    assert checkpoint.load(tmp_path / "b" / "checkpoint")[1]["step"] == 2
-    model, loss_fn, batches, val = quadratic_problem()
-    resumed = trainer.fit(model, dict(model.named_parameters()), loss_fn, batches, val, FIT, tmp_path / "b")
-    assert (resumed.steps, resumed.best_epoch) == (whole.steps, whole.best_epoch) == (6, 1)
-    torch.testing.assert_close(model.weight.detach(), reference, rtol=0, atol=0)
-    log = read_log(tmp_path / "b" / "log.jsonl")
-    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    assert [r["epoch"] for r in log if "val_loss" in r] == [0, 1]
-
-
-def test_best_epoch_is_kept_not_the_last(tmp_path):
-    """Validation targets 0 (the initial weights), which training moves away from: epoch 0 stays
-    the best and on_best runs once."""
-    model, loss_fn, batches, val = quadratic_problem()
-    val = [(x, torch.zeros_like(y)) for x, y in val]
-    best = []
-    result = trainer.fit(model, dict(model.named_parameters()), loss_fn, batches, val, FIT, tmp_path,
-                         on_best=best.append)
-    val_losses = [r["val_loss"] for r in read_log(tmp_path / "log.jsonl") if "val_loss" in r]
-    assert val_losses[0] < val_losses[1]
-    assert (result.best_epoch, best, result.best_val_loss) == (0, [0], val_losses[0])
-
-
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    checkpoint.save(tmp_path, {"w": torch.ones(3)}, {"step": 1})
-
-    def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(checkpoint, "save_file", full_disk)
-    with pytest.raises(OSError, match="No space left"):
-        checkpoint.save(tmp_path, {"w": torch.zeros(3)}, {"step": 2})
-    tensors, state = checkpoint.load(tmp_path)
-    assert state == {"step": 1} and tensors["w"].tolist() == [1, 1, 1]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000"]
 
 
 # ------------------------------------------------------------------------- the pipeline
