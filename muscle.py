@@ -43,10 +43,16 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 # of the logits predicts labels[t] (per-position masks may also get [N, V] and [N]).
 # Output: bool of the labels' shape, True = follow the old model M1.
 # Values at ignored positions are irrelevant (the loss drops them). Computed without gradient.
+# The teachers may also come as stored fields (`TeacherFields`: argmax and label log-prob), so a
+# mask that reads only `x.argmax(-1)` and `_label_logprob(x, labels)` of a teacher works with
+# teachers stored on disk too (teacher_store.py); the student always comes as full logits.
 
 
-def _label_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[label] per position, at temperature 1; ignored labels read token 0."""
+def _label_logprob(logits: "torch.Tensor | TeacherFields", labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] per position, at temperature 1; ignored labels read token 0.
+    A stored teacher (`TeacherFields`) gives its stored value."""
+    if isinstance(logits, TeacherFields):
+        return logits.label_logp
     logp = torch.log_softmax(upcast(logits), dim=-1)
     return logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
 
@@ -159,6 +165,14 @@ def distill_per_token(student: torch.Tensor, teacher: torch.Tensor, labels: torc
     `student` holds fp32 logits [..., V]; `teacher` the teacher's log-probabilities at T (or its
     probabilities, with log_target False: zero entries then add exactly 0)."""
     student_logp = torch.log_softmax(student / temperature, dim=-1)
+    return _kl_plus_ce(student_logp, teacher, student, labels, temperature, ce_weight, log_target)
+
+
+def _kl_plus_ce(student_logp: torch.Tensor, teacher: torch.Tensor, student: torch.Tensor,
+                labels: torch.Tensor, temperature: float, ce_weight: float,
+                log_target: bool = True) -> torch.Tensor:
+    """T^2 * KL(teacher || student) over the last dimension of two distributions at T (the whole
+    vocabulary, or top-k buckets), + ce_weight * CE of the student's full logits, per position."""
     kl = F.kl_div(student_logp, teacher, log_target=log_target, reduction="none").sum(-1)
     per_token = temperature**2 * kl
     if ce_weight:
@@ -301,6 +315,113 @@ def muscle_loss_chunked(h_student: torch.Tensor, h_old: torch.Tensor, h_new: tor
         return _aligned_loss(head_s(hs), zo, zn, y, mask, temperature, ce_weight, *valid)
 
     return chunked_sum(chunk_loss, inputs, labels, whole_rows, chunk_size, trainable(head_s))
+
+
+# --------------------------------------------------------------------------------------------
+# Stored teachers: the loss against what the teachers said, read back instead of recomputed.
+
+
+class TeacherFields(NamedTuple):
+    """What a frozen teacher says at each aligned position [...], all that every mask of MASKS
+    and the top-k loss need: its k most likely tokens and their log-probabilities at T = 1
+    (most likely first), the log of the probability mass of all other tokens (the tail bucket;
+    -inf when k is the vocabulary), the label's log-probability and the argmax."""
+
+    ids: torch.Tensor  # [..., k] int64
+    logp: torch.Tensor  # [..., k]
+    tail: torch.Tensor  # [...]
+    label_logp: torch.Tensor  # [...]
+    top1: torch.Tensor  # [...] int64
+
+    def argmax(self, dim: int = -1) -> torch.Tensor:
+        """The stored argmax, so that masks read `x.argmax(-1)` of logits and fields alike."""
+        return self.top1
+
+    def top(self, k: int) -> TeacherFields:
+        """The same positions with only the k most likely tokens kept and the rest folded into
+        the tail bucket: exactly what fields of k tokens hold (log-probs of one softmax)."""
+        if k >= self.ids.shape[-1]:
+            return self
+        rest = torch.logsumexp(self.logp[..., k:], dim=-1)
+        return self._replace(ids=self.ids[..., :k], logp=self.logp[..., :k],
+                             tail=torch.logaddexp(self.tail, rest))
+
+    def where(self, cond: torch.Tensor, other: TeacherFields) -> TeacherFields:
+        """Per position, these fields where `cond` (bool, the positions' shape), else other's."""
+        return TeacherFields(*(torch.where(cond.view(*cond.shape, *[1] * (a.dim() - cond.dim())),
+                                           a, b) for a, b in zip(self, other)))
+
+
+@torch.no_grad()
+def teacher_fields(logits: torch.Tensor, labels: torch.Tensor, k: int) -> TeacherFields:
+    """A teacher's `TeacherFields` from its aligned logits [..., V] and labels [...] (k is
+    capped at V). The argmax is the logits' own, as the masks take it from online teachers."""
+    z = upcast(logits)
+    logp = torch.log_softmax(z, dim=-1)
+    top_logp, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    tail = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return TeacherFields(ids, top_logp, tail, _label_logprob(z, labels), z.argmax(-1))
+
+
+def _bucket_logp(top_logp: torch.Tensor, tail: torch.Tensor | None,
+                 temperature: float) -> torch.Tensor:
+    """Log-probabilities at `temperature` of the k top-k tokens and the tail bucket (None when
+    the top k are the whole vocabulary), from their log-probabilities at T = 1. The tail is
+    tempered as one token: exact at T = 1 and whenever k is the vocabulary."""
+    buckets = top_logp if tail is None else torch.cat([top_logp, tail.unsqueeze(-1)], dim=-1)
+    return torch.log_softmax(buckets / temperature, dim=-1)
+
+
+def _stored_aligned_loss(student: torch.Tensor, old: TeacherFields, new: TeacherFields,
+                         labels: torch.Tensor, old_valid: torch.Tensor, mask: str,
+                         temperature: float, ce_weight: float) -> LossSum:
+    """`_aligned_loss` with stored teachers: the KL over the followed teacher's top-k tokens and
+    the tail bucket. The student's own argmax, label log-prob and buckets come from its full
+    logits, and the same bucketing on both sides gives 0 where student and teacher agree.
+    Where `old_valid` is False M2 stands in for M1, as in `_aligned_loss`."""
+    real = labels != IGNORE_INDEX
+    student = upcast(student)
+    with_tail = old.ids.shape[-1] < student.shape[-1]
+    with torch.no_grad():
+        old = old.where(old_valid, new)
+        follow_old = get_mask(mask)(student, old, new, labels) & real & old_valid
+        teacher = old.where(follow_old, new)
+        teacher_tail = teacher.tail.to(student.dtype) if with_tail else None
+        teacher_logp = _bucket_logp(teacher.logp.to(student.dtype), teacher_tail, temperature)
+    logp = torch.log_softmax(student, dim=-1)
+    tail = logp.scatter(-1, teacher.ids, float("-inf")).logsumexp(-1) if with_tail else None
+    student_logp = _bucket_logp(logp.gather(-1, teacher.ids), tail, temperature)
+    per_token = _kl_plus_ce(student_logp, teacher_logp, student, labels, temperature, ce_weight)
+    return LossSum(per_token[real].sum(), int(real.sum()), int(follow_old.sum()))
+
+
+def stored_muscle_loss_chunked(h_student: torch.Tensor, head: Head, old: TeacherFields,
+                               new: TeacherFields, labels: torch.Tensor,
+                               mask: str = "student_correct", temperature: float = 2.0,
+                               ce_weight: float = 0.0, chunk_size: int = 1024,
+                               old_valid: torch.Tensor | None = None) -> LossSum:
+    """The MUSCLE loss of the student (final hidden states [B, T, H] and its lm_head) against
+    stored teachers: `old` and `new` hold fields at the aligned positions [B, T - 1] (position t
+    predicts labels[:, t + 1]; values at ignored positions are never read). `old_valid` [B, T]
+    as in `muscle_loss`. Chunked like
+    `muscle_loss_chunked`, of which it is the top-k approximation; with k = V it equals it."""
+    get_mask(mask)  # fail on a wrong name before any work
+    whole_rows = mask in SEQUENCE_MASKS
+    valid = torch.ones_like(labels, dtype=torch.bool) if old_valid is None else old_valid
+    h_student, labels = _shift(h_student, labels)
+    fields = (*old, *new, valid[:, :-1])
+    if not whole_rows:
+        h_student, labels = h_student.flatten(0, 1), labels.flatten()
+        fields = tuple(f.flatten(0, 1) for f in fields)
+    n = len(TeacherFields._fields)
+
+    def chunk_loss(hs, *rest):
+        *f, v, y = rest
+        return _stored_aligned_loss(head(hs), TeacherFields(*f[:n]), TeacherFields(*f[n:]), y, v,
+                                    mask, temperature, ce_weight)
+
+    return chunked_sum(chunk_loss, (h_student, *fields), labels, whole_rows, chunk_size,
+                       trainable(head))
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> LossSum:

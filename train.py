@@ -8,8 +8,11 @@ resumed from its checkpoint when it was interrupted:
   1. task adapter A1 on base v1 (cross-entropy on context and answer tokens, paper A.1);
   2. task adapter A2 on base v2;
   3. compatibility adapter Ac on base v2, initialised from A2, trained with the MUSCLE loss
-     (muscle.py) against M1 = v1 + A1 and M2 = v2 + A2. M2 is the student's own copy of base v2
-     with A2 active (two adapter slots, switched with lora.use_adapter): no second v2 in memory;
+     (muscle.py) against M1 = v1 + A1 and M2 = v2 + A2. With --teachers online both teachers
+     run on every batch: M2 is the student's own copy of base v2 with A2 active (two adapter
+     slots, switched with lora.use_adapter), so there is no second v2 in memory. With --teachers
+     store, one pass of each teacher first writes what they say to disk (teacher_store.py), and
+     the student trains with only base v2 and Ac in memory;
   4. evaluation of M1, M2, Mc on the task's test split (eval.py) and the compatibility report
      (report.py), printed and written to --out/stage4_eval.
 
@@ -54,9 +57,9 @@ import muscle
 import pairs
 import predictions
 import report
+import teacher_store
 import toy  # noqa: F401  (registers the toy tasks and the toy bases)
 from distributed import Dist
-from teacher_cache import TeacherCache
 from trainer import Diverged, FitConfig, Interrupted, LossFn, fit
 
 # ============================================================================ data
@@ -68,7 +71,7 @@ class Batches(Sequence):
     flags give the same global batches, and the same numbers, on any number of processes.
 
     `groups` hold indices into `examples`; each batch's "index" is its rows' example keys
-    (key_offset + index; -1 for a filler row), which the teacher cache is keyed by. With
+    (key_offset + index; -1 for a filler row), which the teacher store is keyed by. With
     `teacher` rows (M1's own tokens of the same examples, align.py), a batch also holds
     M1's inputs and the alignment (align.collate)."""
 
@@ -306,22 +309,16 @@ def ce_loss(model: nn.Module, chunk_size: int = CHUNK_SIZE) -> LossFn:
 
 
 def muscle_loss(student: nn.Module, old: nn.Module, args: argparse.Namespace,
-                cache: TeacherCache | None = None,
                 vmap: cross_vocab.VocabMap | None = None) -> LossFn:
-    """Stage 3: the MUSCLE loss of the student (v2 + compat) against M1 and M2 (v2 + task);
-    with a cache, the teachers run only for examples it does not hold yet; with a vocabulary
-    map, M1's distributions are mapped onto the student's vocabulary (cross_vocab.py)."""
+    """Stage 3 with --teachers online: the MUSCLE loss of the student (v2 + compat) against M1
+    and M2 (v2 + task), both run on every batch; with a vocabulary map, M1's distributions are
+    mapped onto the student's vocabulary (cross_vocab.py)."""
     def loss(b):
         ids, mask = b["input_ids"], b["attention_mask"]
-
-        def teachers() -> tuple[torch.Tensor, torch.Tensor]:
-            with torch.no_grad():
-                h_old = align.teacher_hidden_states(old, b)
-            with teacher_mode(student, "task"):
-                h_new = student.hidden_states(ids, mask)
-            return h_old, h_new
-
-        h_old, h_new = cache.get(b, teachers) if cache is not None else teachers()
+        with torch.no_grad():
+            h_old = align.teacher_hidden_states(old, b)
+        with teacher_mode(student, "task"):
+            h_new = student.hidden_states(ids, mask)
         h = student.hidden_states(ids, mask)
         heads = (student.lm_head, old.lm_head, student.lm_head)
         if vmap is not None:
@@ -331,6 +328,20 @@ def muscle_loss(student: nn.Module, old: nn.Module, args: argparse.Namespace,
         return muscle.muscle_loss_chunked(h, h_old, h_new, heads, b["labels"], mask=args.mask,
                                           temperature=args.temperature, ce_weight=args.ce_weight,
                                           chunk_size=args.chunk_size, old_valid=align.has_counterpart(b))
+    return loss
+
+
+def stored_muscle_loss(student: nn.Module, store: teacher_store.TeacherStore,
+                       args: argparse.Namespace) -> LossFn:
+    """Stage 3 with --teachers store: the MUSCLE loss of the student against the teachers'
+    stored top-k (muscle.stored_muscle_loss_chunked); no teacher runs."""
+    def loss(b):
+        old, new = store.batch_fields(b)
+        h = student.hidden_states(b["input_ids"], b["attention_mask"])
+        return muscle.stored_muscle_loss_chunked(h, student.lm_head, old, new, b["labels"],
+                                                 mask=args.mask, temperature=args.temperature,
+                                                 ce_weight=args.ce_weight, chunk_size=args.chunk_size,
+                                                 old_valid=align.has_counterpart(b))
     return loss
 
 
@@ -415,26 +426,55 @@ def compat_models(args: argparse.Namespace, env: Dist, out: Path) -> tuple[nn.Mo
 
 def stage_compat(args: argparse.Namespace, env: Dist, out: Path, td: TaskData,
                  cross: bool = False) -> dict:
-    """Stage 3: Ac on base v2, initialised as a copy of A2 (paper A.1), with the MUSCLE loss;
-    across two vocabularies (`cross`) the summary says how much of the text M1 could teach."""
-    if args.teacher_cache == "memory" and env.world > 1:
-        raise ValueError("--teacher-cache memory needs a single process: under torchrun the rows of "
-                         "a reshuffled batch move between ranks every epoch, so the ranks' caches "
-                         "would rarely hold a whole batch; use --teacher-cache off with torchrun")
-    student, old = compat_models(args, env, out)
-    cache = TeacherCache() if args.teacher_cache == "memory" else None
-    if not cross:
+    """Stage 3: Ac on base v2, initialised as a copy of A2 (paper A.1), with the MUSCLE loss
+    against teachers run online or read from the teacher store (built first if needed). From
+    the store, only base v2 and Ac are in memory while the student trains. Across two
+    vocabularies (`cross`, teachers online) the summary says how much of the text M1 could teach."""
+    if args.teachers == "store":
+        if cross:
+            raise ValueError(f"--teachers store needs --old and --new of one vocabulary; "
+                             f"--cross-vocab {args.cross_vocab} runs with --teachers online")
+        store = open_teacher_store(args, env, out, td)
+        student = load_base(args.new, args, env)
+        lora.load_adapter(student, adapter_dir(out, 2), "compat")
+        lora.mark_trainable(student, "compat")
+        student = prepare(student, env, args.grad_checkpointing)
         return train_adapter(args, env, out, 3, student, "compat",
-                             muscle_loss(student, old, args, cache), td, args.new)
+                             stored_muscle_loss(student, store, args), td, args.new)
+    student, old = compat_models(args, env, out)
+    if not cross:
+        return train_adapter(args, env, out, 3, student, "compat", muscle_loss(student, old, args),
+                             td, args.new)
     vmap = cross_vocab.model_vocab_map(models.load_tokenizer(args.old), models.load_tokenizer(args.new),
                                        old.lm_head.out_features, student.lm_head.out_features)
     coverage = cross_vocab.Coverage()
     summary = train_adapter(args, env, out, 3, student, "compat",
-                            coverage.counting(muscle_loss(student, old, args, cache, vmap)), td, args.new)
+                            coverage.counting(muscle_loss(student, old, args, vmap)), td, args.new)
     summary["cross_vocab"] = cross_vocab.Coverage.shares(distributed.all_reduce_sum(coverage.totals, env))
     if env.main:
         print(cross_vocab.Coverage.describe(summary["cross_vocab"]))
     return summary
+
+
+def open_teacher_store(args: argparse.Namespace, env: Dist, out: Path,
+                       td: TaskData) -> teacher_store.TeacherStore:
+    """This run's teacher store (--teacher-store, default --out/teacher_store), built first when
+    it is not complete: M1, then M2, each loaded for its pass and freed after it."""
+    bases = {"old": args.old, "new": args.new}
+    adapters = {"old": adapter_dir(out, 1), "new": adapter_dir(out, 2)}
+
+    def load(role: str) -> nn.Module:
+        model = load_base(bases[role], args, env)
+        lora.load_adapter(model, adapters[role], "task")
+        return model.eval().requires_grad_(False)
+
+    run = {"task": args.task, "seed": args.seed, "limit_train": args.limit_train,
+           "max_len": args.max_len, "dtype": str(model_dtype(args, env))}
+    return teacher_store.open_store(
+        Path(args.teacher_store or out / "teacher_store"),
+        {role: models.resolve(b) for role, b in bases.items()}, adapters,
+        {"train": td.train, "validation": td.val}, args.top_k, run, load, td.pad_id, env,
+        batch_size=args.batch_size, chunk_size=args.chunk_size, old_tokens=td.teacher)
 
 
 def predict(base: str, adapter: Path, items: list, path: Path, args: argparse.Namespace,
@@ -489,13 +529,17 @@ def stage_eval(args: argparse.Namespace, env: Dist, out: Path) -> dict:
 # Flags that do not change what the training stages compute; every other flag must match to
 # resume a run. Stage 4 keeps the digest of its items, so --limit-eval and --data-dir may change.
 NOT_CONFIG = {"out", "overwrite", "stage", "device", "save_every", "log_every", "grad_checkpointing",
-              "data_dir", "eval_batch_size", "chunk_size", "teacher_cache", "limit_eval"}
+              "data_dir", "eval_batch_size", "chunk_size", "teacher_store", "limit_eval"}
 RUN_CONFIG = "run_config.json"
+# Flags that only stages 3 and 4 read: they may change in a run whose stage 3 has not started, so
+# a copy of a run's stages 1-2 (and its teacher store) serves runs of other masks.
+STAGE3_FLAGS = {"mask", "temperature", "ce_weight", "teachers", "top_k"}
 
 
 def check_run_config(out: Path, args: argparse.Namespace, env: Dist) -> None:
     """Refuse an --out that holds a different run (unless --overwrite, which deletes it);
-    the same configuration resumes."""
+    the same configuration resumes, and so does one that differs only in STAGE3_FLAGS while
+    stage 3 has not started."""
     config = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_CONFIG}
     path = out / RUN_CONFIG
     saved = files.read_json(path, fix=f"delete it to resume the run with the flags given now") \
@@ -505,6 +549,8 @@ def check_run_config(out: Path, args: argparse.Namespace, env: Dist) -> None:
         raise ValueError(f"--out {out} is not empty and holds no {RUN_CONFIG}, so it is not a run "
                          f"of train.py; choose another --out (nothing was deleted)")
     diff = {k for k in set(config) | set(saved or {}) if (saved or config).get(k) != config.get(k)}
+    if not stage_dir(out, 3).exists():
+        diff -= STAGE3_FLAGS
     if diff and not args.overwrite:
         changes = "; ".join(f"{k}: {saved.get(k)!r} there, {config.get(k)!r} now" for k in sorted(diff))
         raise ValueError(f"--out {out} holds a run with a different configuration ({changes}). "
@@ -662,12 +708,15 @@ def build_parser() -> argparse.ArgumentParser:
     g("--grad-checkpointing", action="store_true", help="recompute transformer blocks in backward")
     g("--chunk-size", type=cli.POSITIVE_INT, default=CHUNK_SIZE,
       help="positions per chunk of logits in the losses (cross-entropy and MUSCLE)")
-    g("--teacher-cache", default="off", choices=["off", "memory"],
-      help="memory: keep both teachers' final hidden states of every training and validation "
-           "sequence in host memory after its first use, so later epochs skip both teacher "
-           "forwards (same results; a later epoch's step about 1.6x faster in "
-           "bench/compat_step.py). Costs 2 x hidden x dtype bytes per token (7B in bf16: 16 KiB/token, about 10 GiB for PIQA's 16k sequences of "
-           "~40 tokens; SAMSum's long dialogues need far more); single process only")
+    g("--teachers", default="online", choices=["online", "store"],
+      help="stage 3's teachers M1, M2. online: both run on every batch (the exact loss). store: "
+           "one pass of each writes its top-k outputs to --teacher-store, then the student trains "
+           "with no teacher in memory (KL over the top-k tokens plus one tail bucket)")
+    g("--top-k", type=cli.POSITIVE_INT, default=128,
+      help="with --teachers store: tokens per position kept of each teacher's distribution")
+    g("--teacher-store", default=None,
+      help="with --teachers store: the store's directory, reused by any run of the same teachers, "
+           "data and tokenizer (e.g. runs that differ in --mask); None: --out/teacher_store")
     g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
       help="base weights; auto: bf16 on GPU, fp32 on CPU (adapters always train in fp32)")
     g("--eval-batch-size", type=cli.POSITIVE_INT, default=8, help="items per forward in stage 4")

@@ -241,3 +241,81 @@ def test_vectorised_loss_equals_a_per_token_loop_with_torch_distributions():
                 expected += T**2 * kl - w * logp(s[b, t])[y]
         got = muscle_loss(s, o, n, labels, mask=name, temperature=T, ce_weight=w).loss
         assert got.item() == pytest.approx(float(expected), rel=1e-10), name
+
+
+# Stored teachers (TeacherFields): the top-k loss against the online loss.
+
+
+def stored_case(seed=0, batch=3, length=6, hidden=8, vocab=11):
+    """Hidden states and heads of a student and two teachers, and right-padded labels."""
+    torch.manual_seed(seed)
+    heads = [torch.nn.Linear(hidden, vocab, dtype=torch.float64) for _ in range(3)]
+    hs = torch.randn(batch, length, hidden, dtype=torch.float64, requires_grad=True)
+    ho, hn = torch.randn(2, batch, length, hidden, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (batch, length))
+    labels[1, 3:] = -100
+    return heads, hs, ho, hn, labels
+
+
+def fields_of(head, h, labels, k):
+    """A teacher's fields at the aligned positions, as a store holds them."""
+    return muscle.teacher_fields(head(h[:, :-1]), labels[:, 1:], k)
+
+
+@pytest.mark.parametrize("mask", sorted(MASKS))
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_stored_loss_with_k_equal_to_the_vocabulary_is_the_online_loss(mask, chunk_size, with_valid):
+    """Also where M1 has no counterpart of some positions (old_valid False: M2 stands in)."""
+    heads, hs, ho, hn, labels = stored_case()
+    valid = torch.rand(labels.shape, generator=torch.Generator().manual_seed(5)) > 0.3
+    kwargs = dict(mask=mask, temperature=3.0, ce_weight=0.3, chunk_size=chunk_size,
+                  old_valid=valid if with_valid else None)
+    online = muscle_loss_chunked(hs, ho, hn, heads, labels, **kwargs)
+    grads_online = torch.autograd.grad(online.loss, [hs, heads[0].weight])
+    old, new = (fields_of(head, h, labels, 11) for head, h in ((heads[1], ho), (heads[2], hn)))
+    assert torch.isinf(old.tail).all()  # nothing outside the top k = V
+    stored = muscle.stored_muscle_loss_chunked(hs, heads[0], old, new, labels, **kwargs)
+    grads_stored = torch.autograd.grad(stored.loss, [hs, heads[0].weight])
+    assert stored.loss.item() == pytest.approx(online.loss.item(), rel=1e-12)
+    assert (stored.tokens, stored.follow_old) == (online.tokens, online.follow_old) != (0, 0)
+    for a, b in zip(grads_stored, grads_online):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask", sorted(MASKS))
+def test_stored_loss_with_fewer_tokens_bounds_the_online_kl_from_below(mask):
+    """At T = 1 the bucketed KL is the KL of the coarse-grained distributions, so it is at most
+    the full one (data processing inequality) and grows with k to it; the masks decide exactly
+    as online for every k (argmax and label log-prob are stored exactly). A tail of one token
+    (k = V - 1) is that token: exact again."""
+    heads, hs, ho, hn, labels = stored_case(seed=1)
+    online = muscle_loss_chunked(hs, ho, hn, heads, labels, mask=mask, temperature=1.0)
+    previous = 0.0
+    for k in (1, 2, 5, 9, 10):
+        old, new = (fields_of(head, h, labels, k) for head, h in ((heads[1], ho), (heads[2], hn)))
+        stored = muscle.stored_muscle_loss_chunked(hs, heads[0], old, new, labels, mask=mask,
+                                                   temperature=1.0)
+        assert stored.follow_old == online.follow_old
+        if k < 10:
+            assert previous <= stored.loss.item() < online.loss.item()
+        previous = stored.loss.item()
+    assert previous == pytest.approx(online.loss.item(), rel=1e-12)
+
+
+def test_stored_loss_is_zero_where_the_student_is_its_teacher():
+    heads, hs, _, _, labels = stored_case(seed=2)
+    same = fields_of(heads[0], hs.detach(), labels, 3)
+    out = muscle.stored_muscle_loss_chunked(hs, heads[0], same, same, labels, temperature=2.5)
+    assert out.loss.item() == pytest.approx(0.0, abs=1e-12) and out.tokens == 12
+
+
+def test_teacher_fields_by_hand_and_cut_to_fewer_tokens():
+    logp = torch.tensor([[.5, .3, .15, .05]], dtype=torch.float64).log()
+    f = muscle.teacher_fields(logp + 7.0, torch.tensor([2]), k=2)  # logits up to a constant
+    assert f.ids.tolist() == [[0, 1]] and f.argmax(-1).tolist() == [0]
+    torch.testing.assert_close(f.logp.exp(), torch.tensor([[.5, .3]], dtype=torch.float64))
+    assert f.tail.exp().item() == pytest.approx(.2) and f.label_logp.exp().item() == pytest.approx(.15)
+    cut, direct = muscle.teacher_fields(logp, torch.tensor([2]), k=3).top(2), f
+    for a, b in zip(cut, direct):
+        torch.testing.assert_close(a, b)

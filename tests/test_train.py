@@ -1,5 +1,5 @@
 """Tests of train.py on tiny random Llama checkpoints (CPU): the losses of stages 1-3, the
-pipeline end to end, its flags, interruptions and the teacher cache."""
+pipeline end to end, its flags, interruptions and the teacher store."""
 import argparse
 import json
 import math
@@ -17,7 +17,6 @@ import checkpoint
 import data
 import lora
 import models
-import teacher_cache
 import train
 import trainer
 from distributed import Dist
@@ -162,7 +161,7 @@ def test_help_shows_every_default():
     options = [a for a in parser._actions if a.dest != "help"]
     assert all(a.help for a in options)  # ArgumentDefaultsHelpFormatter shows defaults only then
     text = " ".join(parser.format_help().split())
-    assert text.count("(default: ") == len(options) == 35
+    assert text.count("(default: ") == len(options) == 37
     for flag, default in [("--epochs EPOCHS", "10"), ("--lr LR", "0.0001"), ("--rank RANK", "128"),
                           ("--warmup-steps WARMUP_STEPS", "500"), ("--alpha ALPHA", "256"),
                           ("--temperature TEMPERATURE", "2.0"), ("--grad-accum GRAD_ACCUM", "8")]:
@@ -197,6 +196,20 @@ def test_out_with_another_configuration_is_refused_unless_overwrite(tmp_path):
     (stranger / "precious.txt").write_text("x")
     with pytest.raises(ValueError, match="holds no run_config.json.*nothing was deleted"):
         train.check_run_config(stranger, train.parse_args(flags + ["--overwrite"]), Dist())
+
+
+def test_stage3_flags_may_change_until_stage3_starts(tmp_path):
+    """A copy of a run's stages 1-2 serves a run of another mask; once stage 3 has started, it
+    belongs to its mask."""
+    out = tmp_path / "run"
+    flags = ["--old", "a", "--new", "b", "--task", "piqa", "--out", str(out)]
+    train.check_run_config(out, train.parse_args(flags), Dist())
+    other_mask = flags + ["--mask", "none", "--teachers", "store", "--top-k", "8"]
+    train.check_run_config(out, train.parse_args(other_mask), Dist())
+    assert json.loads((out / "run_config.json").read_text())["mask"] == "none"
+    (out / "stage3_compat").mkdir()
+    with pytest.raises(ValueError, match=r"mask: 'none' there, 'student_correct' now"):
+        train.check_run_config(out, train.parse_args(flags + ["--teachers", "store", "--top-k", "8"]), Dist())
 
 
 @pytest.mark.slow  # ~5 s: three stages of training and three evaluations
@@ -273,19 +286,16 @@ def run_stage3(tiny_models, data_dir, out, *extra):
 def test_sigkill_or_sigint_in_stage3_then_rerun_gives_the_uninterrupted_adapter(
         tiny_models, data_dir, tmp_path):
     """SIGKILL: the last checkpoint is intact. SIGINT: a checkpoint, a one-line message, exit
-    130. Either way the rerun ends with the adapter of a run that was never interrupted. The
-    SIGKILLed run uses the teacher cache (lost with the process, refilled by the rerun), the
-    clean one does not."""
+    130. Either way the rerun ends with the adapter of a run that was never interrupted."""
     base = tmp_path / "base"
     for stage in ("1", "2"):
         assert train.main(tiny_flags(*tiny_models, data_dir, base, *KILL_FLAGS, "--stage", stage)) == 0
     runs = {name: tmp_path / name for name in ("clean", "sigkill", "sigint")}
-    cache = {"clean": (), "sigkill": ("--teacher-cache", "memory"), "sigint": ()}
     for out in runs.values():
         subprocess.run(["cp", "-r", str(base), str(out)], check=True)
 
     for name, signum in (("sigkill", signal.SIGKILL), ("sigint", signal.SIGINT)):
-        proc = run_stage3(tiny_models, data_dir, runs[name], *cache[name])
+        proc = run_stage3(tiny_models, data_dir, runs[name])
         root = runs[name] / "stage3_compat" / "checkpoint"
         while not any(root.glob("ckpt-*")) and proc.poll() is None:
             time.sleep(0.005)
@@ -301,7 +311,7 @@ def test_sigkill_or_sigint_in_stage3_then_rerun_gives_the_uninterrupted_adapter(
         assert 0 < checkpoint.load(runs[name] / "stage3_compat" / "checkpoint")[1]["step"] < 24
 
     for name, out in runs.items():
-        proc = run_stage3(tiny_models, data_dir, out, *cache[name])
+        proc = run_stage3(tiny_models, data_dir, out)
         assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
     adapters = {name: load_file(out / "stage3_compat" / "adapter" / "adapter_model.safetensors")
                 for name, out in runs.items()}
@@ -319,74 +329,66 @@ def test_sigkill_or_sigint_in_stage3_then_rerun_gives_the_uninterrupted_adapter(
     assert done[0] == done[1] == done[2] and done[0]["steps"] == 24
 
 
-# ------------------------------------------------------------------------- teacher cache
+# ------------------------------------------------------------------------- teacher store
 
 
-def test_teacher_cache_returns_the_computed_rows_in_any_batch(tiny_models):
-    """Stored rows come back at their real positions in a batch of another width and order;
-    positions past a row's length are zero; a batch with an unseen row is computed."""
-    tok = models.load_tokenizer(tiny_models[0])
-    model = models.load_model(tiny_models[0]).eval()
-    examples = [example(tok, t) for t in CORPUS[:4]]
-
-    def batch(keys):
-        return {**data.collate([examples[k] for k in keys], tok.pad_id), "index": torch.tensor(keys)}
-
-    def compute(b):
-        def run():
-            calls.append(b["index"].tolist())
-            with torch.no_grad():
-                h = model.hidden_states(b["input_ids"], b["attention_mask"])
-            return h, 2 * h
-        return run
-
-    cache, calls = teacher_cache.TeacherCache(), []
-    for keys in ([0, 1], [2, 3]):
-        cache.get(batch(keys), compute(batch(keys)))
-    shuffled = batch([3, 0, 2])
-    h_old, h_new = cache.get(shuffled, compute(shuffled))
-    assert calls == [[0, 1], [2, 3]]  # the third batch was served from the store
-    with torch.no_grad():
-        expected = model.hidden_states(shuffled["input_ids"], shuffled["attention_mask"])
-    for row, n in enumerate(shuffled["attention_mask"].sum(1).tolist()):
-        torch.testing.assert_close(h_old[row, :n], expected[row, :n], rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(h_new[row, :n], 2 * expected[row, :n], rtol=1e-6, atol=1e-6)
-        assert h_old[row, n:].abs().sum() == 0 and h_new[row, n:].abs().sum() == 0
-    unseen = {**batch([0, 1]), "index": torch.tensor([0, 7])}
-    cache.get(unseen, compute(unseen))
-    assert calls[-1] == [0, 7] and 7 in cache.store
-
-
-@pytest.mark.slow  # ~10 s: stages 1-2 once, stage 3 twice
-def test_teacher_cache_gives_the_adapter_of_a_run_without_it(tiny_models, data_dir, tmp_path,
-                                                              monkeypatch):
-    """Stage 3 over 2 epochs: the same adapter (1e-6) with the cache as without, and with the
-    cache the teachers ran only in the first epoch (train and validation batches)."""
+@pytest.mark.slow  # ~15 s: stages 1-2 once, stage 3 four times
+def test_stage3_from_the_teacher_store(tiny_models, data_dir, tmp_path, monkeypatch):
+    """With k = V the store gives the online adapter; M1 is freed before the student trains; a
+    run of another mask reuses the store without loading a teacher; a bad shard is one error
+    line (exit 2) and nothing is trained."""
+    import gc
+    import weakref
     base = tmp_path / "base"
     assert train.main(tiny_flags(*tiny_models, data_dir, base, "--stage", "1")) == 0
     assert train.main(tiny_flags(*tiny_models, data_dir, base, "--stage", "2")) == 0
-    teacher_runs = []
-    real_teacher_mode = train.teacher_mode
+    loaded, real_load, real_fit = [], train.load_base, train.fit
 
-    def counting_teacher_mode(model, adapter):
-        teacher_runs[-1] += 1
-        return real_teacher_mode(model, adapter)
-    monkeypatch.setattr(train, "teacher_mode", counting_teacher_mode)
-    adapters = {}
-    for mode in ("off", "memory"):
-        out = tmp_path / mode
+    def load_base(name, args, env):
+        model = real_load(name, args, env)
+        loaded.append((name, weakref.ref(model)))
+        return model
+
+    def fit(*args, **kwargs):
+        gc.collect()
+        alive = [name for name, ref in loaded if ref() is not None]
+        assert alive == [tiny_models[1]], alive  # only the student's base v2
+        return real_fit(*args, **kwargs)
+    monkeypatch.setattr(train, "load_base", load_base)
+    monkeypatch.setattr(train, "fit", fit)
+    store = tmp_path / "teacher_outputs"
+    runs = {name: tmp_path / name for name in ("online", "store", "other_mask")}
+    for name, out in runs.items():
         subprocess.run(["cp", "-r", str(base), str(out)], check=True)
-        teacher_runs.append(0)
-        assert train.main(tiny_flags(*tiny_models, data_dir, out, "--stage", "3",
-                                     "--teacher-cache", mode)) == 0
-        adapters[mode] = load_file(out / "stage3_compat" / "adapter" / "adapter_model.safetensors")
-    # 20 train examples in 5 micro-batches of 4, 5 validation examples in 2: per epoch 7.
-    assert teacher_runs == [2 * 7, 7]
-    for k in adapters["off"]:
-        torch.testing.assert_close(adapters["memory"][k], adapters["off"][k], rtol=0, atol=1e-6)
+    adapters = {}
+    for name, extra in (("store", ()), ("other_mask", ("--mask", "old_correct"))):
+        loaded.clear()
+        assert train.main(tiny_flags(*tiny_models, data_dir, runs[name], "--stage", "3", "--teachers",
+                                     "store", "--top-k", "300", "--teacher-store", str(store), *extra)) == 0
+        assert [n for n, _ in loaded] == ([tiny_models[0], tiny_models[1]] if name == "store" else []) \
+            + [tiny_models[1]]  # M1 and M2 once, for the build; then the student alone
+    monkeypatch.setattr(train, "fit", real_fit)
+    assert train.main(tiny_flags(*tiny_models, data_dir, runs["online"], "--stage", "3")) == 0
+    for name, out in runs.items():
+        adapters[name] = load_file(out / "stage3_compat" / "adapter" / "adapter_model.safetensors")
+    for k in adapters["online"]:
+        torch.testing.assert_close(adapters["store"][k], adapters["online"][k], rtol=0, atol=1e-5)
+    assert any(not torch.equal(adapters["other_mask"][k], adapters["store"][k]) for k in adapters["store"])
+    bad = tmp_path / "bad"
+    subprocess.run(["cp", "-r", str(base), str(bad)], check=True)
+    shard = store / "new" / "train-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    proc = subprocess.run([sys.executable, "train.py", *tiny_flags(*tiny_models, data_dir, bad, "--stage", "3",
+                           "--teachers", "store", "--teacher-store", str(store))],
+                          cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"error: teacher store shard {shard} has 100 bytes")
+    assert not (bad / "stage3_compat").exists()
 
 
-def test_teacher_cache_refuses_several_processes(tiny_models, data_dir, tmp_path):
-    args = train.parse_args(tiny_flags(*tiny_models, data_dir, tmp_path, "--teacher-cache", "memory"))
-    with pytest.raises(ValueError, match="--teacher-cache off with torchrun"):
-        train.stage_compat(args, Dist(rank=0, world=2), tmp_path, None)
+def test_teacher_store_across_two_vocabularies_is_refused(tiny_models, data_dir, tmp_path):
+    args = train.parse_args(tiny_flags(*tiny_models, data_dir, tmp_path, "--teachers", "store",
+                                       "--cross-vocab", "fill"))
+    with pytest.raises(ValueError, match="--teachers store needs --old and --new of one vocabulary; "
+                                         "--cross-vocab fill runs with --teachers online"):
+        train.stage_compat(args, Dist(), tmp_path, None, cross=True)
