@@ -255,6 +255,9 @@ def _hellaswag_item(record: dict, id: str, where: str) -> MultipleChoice:
 
 def _gsm8k_item(record: dict, id: str, where: str) -> Generation:
     answer = _field(record, "answer", where)
+    if not re.search(r"#### *-?[\d.,$]*\d", answer):  # strict-match scores the number after "####"
+        raise ValueError(f"{where}: field 'answer' has no final '#### N' line (got ...{answer[-60:]!r}); "
+                         f"GSM8K's strict match scores that number, so every answer needs one")
     return Generation(id, "Question: " + _field(record, "question", where) + "\nAnswer:",
                       [answer], " " + answer)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,6 +297,24 @@ def score_choices(model: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
     return [{"id": it.id, **choice_record(it, s)} for it, s in zip(items, scores)]
 
 
+class NonFinite(ValueError):
+    """The model's outputs hold NaN or inf: its weights (base or adapter) are broken, and no
+    accuracy computed from them would mean anything."""
+
+
+def _first_bad(values: torch.Tensor) -> str:
+    bad = values[~torch.isfinite(values)]
+    return str(bad[0].item()) if len(bad) else "finite"
+
+
+def check_finite(records: Sequence[dict[str, Any]]) -> None:
+    """Raise NonFinite naming the first record whose log-likelihoods are NaN or infinite."""
+    for r in records:
+        values = r.get("loglikelihoods") or []
+        if not all(math.isfinite(v) for v in values):
+            raise NonFinite(f"non-finite log-likelihoods {values} on item {r['id']}")
+
+
 # ------------------------------------------------------------------ greedy generation
 class NGramBlocker:
     """transformers' NoRepeatNGramLogitsProcessor for one sequence, kept up to date token by token.
@@ -333,6 +352,8 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 def _pick_next(logits: torch.Tensor, blockers: Sequence[NGramBlocker | None]) -> torch.Tensor:
     """Greedy choice after the n-gram bans; argmax takes the first maximum, as transformers."""
     scores = logits.float()
+    if not torch.isfinite(scores).all():  # argmax of NaN would be a silently arbitrary token
+        raise NonFinite(f"non-finite logits ({_first_bad(scores)}) while generating")
     for row, blocker in enumerate(blockers):
         if blocker is not None:
             scores[row, blocker.banned()] = float("-inf")
@@ -456,6 +477,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: str | data.Task, item
     prompts = data.add_fewshot(spec, items, fewshot_items, num_fewshot)
     if spec.kind == "multiple_choice":
         records = score_choices(model, tokenizer, prompts, batch_size, add_bos, fast, max_length, progress)
+        check_finite(records)
     else:
         texts = generate(model, tokenizer, [it.prompt for it in prompts], spec.max_new_tokens, spec.stop,
                          spec.no_repeat_ngram_size, batch_size, add_bos, max_length, progress)
@@ -551,6 +573,13 @@ def warn_if_other_base(adapter: str, model_name: str) -> None:
               f"its predictions on another base mean little", file=sys.stderr)
 
 
+def name_broken(error: NonFinite, model: str, adapter: str | None) -> str:
+    """The NonFinite message with the model and adapter that produced it, and what to check."""
+    source = f"--model {model}" + (f" with --adapter {adapter}" if adapter else "")
+    return (f"{source}: {error}; its weights hold NaN or inf values, so no accuracy is reported: "
+            f"check the checkpoint{' and the adapter' if adapter else ''} (a diverged training run?)")
+
+
 # train.py's marker of a finished stage, written last into the stage's directory.
 STAGE_DONE = "DONE"
 
@@ -579,8 +608,11 @@ def run(args: argparse.Namespace) -> None:
     tokenizer = models.load_tokenizer(args.model)
     items = data.load_task(spec, args.split or spec.eval_split, args.data_dir)
     shots = data.load_task(spec, "train", args.data_dir) if args.num_fewshot else ()
-    records = evaluate(model, tokenizer, spec.name, items, args.batch_size, args.limit, args.num_fewshot, shots,
-                       args.add_bos, not args.plain, progress=True)
+    try:
+        records = evaluate(model, tokenizer, spec.name, items, args.batch_size, args.limit, args.num_fewshot,
+                           shots, args.add_bos, not args.plain, progress=True)
+    except NonFinite as e:
+        raise NonFinite(name_broken(e, args.model, args.adapter)) from None
     try:
         path = write_predictions(records, args.out)
     except OSError as e:

@@ -32,14 +32,17 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import re
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -360,16 +363,34 @@ def _read_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not config_file.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: expected a directory written by "
                                 f"lora.save_adapter or PEFT's save_pretrained")
-    config = json.loads(config_file.read_text())
+    config = files.read_json(config_file, fix="save the adapter again (lora.save_adapter or PEFT)")
+    _check_config(config, config_file)
     unsupported = {k: config[k] for k, v in _UNSUPPORTED_IF_NOT.items() if config.get(k, v) != v}
     if unsupported:
         raise ValueError(f"{config_file}: this LoRA implementation supports plain LoRA only; "
                          f"unsupported settings {unsupported}")
-    if (path / WEIGHTS_NAME).is_file():
-        return config, load_file(path / WEIGHTS_NAME)
-    if (path / LEGACY_WEIGHTS_NAME).is_file():
-        return config, torch.load(path / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    for name, read in ((WEIGHTS_NAME, load_file),
+                       (LEGACY_WEIGHTS_NAME, partial(torch.load, map_location="cpu", weights_only=True))):
+        if (path / name).is_file():
+            try:
+                return config, read(path / name)
+            except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as e:
+                raise ValueError(f"cannot read {path / name} ({str(e)[:160]}); the file is probably "
+                                 f"truncated or corrupt: save or download the adapter again") from None
     raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {path}")
+
+
+def _check_config(config: dict, where: Path) -> None:
+    """r a positive integer, lora_alpha a positive number (alpha <= 0 would flip or cancel the
+    update silently), lora_dropout in [0, 1)."""
+    checks = {"r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+              "lora_alpha": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                             "a positive number"),
+              "lora_dropout": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)")}
+    for key, (ok, expected) in checks.items():
+        if key in ("r", "lora_alpha") or key in config:
+            if not ok(config.get(key)):
+                raise ValueError(f"{where}: {key} should be {expected}, got {config.get(key)!r:.60}")
 
 
 def _check_shape(key: str, tensor: torch.Tensor, expected: tuple[int, int]) -> None:

@@ -143,6 +143,10 @@ def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, device
                 continue
             if name not in expected:
                 raise ValueError(_unexpected_tensor(path, name, model.config.model_type))
+            if not tensor.is_floating_point():
+                raise ValueError(f"{path}: tensor {name!r} is {tensor.dtype}, not floating point; "
+                                 f"quantized or integer checkpoints are not supported: use the "
+                                 f"float16/bfloat16/float32 weights of the model")
             shard[name] = tensor.to(device=device, dtype=dtype)
         model.load_state_dict(shard, strict=False, assign=True)
         seen.update(shard)

@@ -35,6 +35,10 @@ def check_record(record: Any, where: str) -> None:
                          "prediction, correct, score; lm-eval --log_samples writes doc_id, doc_hash, ...)")
     if not isinstance(record["id"], (str, int)):
         raise ValueError(f"{where}: id must be a string or an integer, got {record['id']!r}")
+    for key in ("correct", "correct_norm", "correct_flexible"):
+        if record.get(key) is not None and not isinstance(record[key], bool):
+            raise ValueError(f"{where}: `{key}` must be true, false or null, got {record[key]!r:.60} "
+                             f"(eval.py writes booleans; a number belongs in `score`)")
 
 
 def _existing(path: str | Path) -> Path:

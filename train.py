@@ -483,8 +483,11 @@ def predict(base: str, adapter: Path, items: list, path: Path, args: argparse.Na
     order). Each rank scores items r, r + W, ... with a whole (unsharded) model; rank 0 merges."""
     model = load_base(base, args, env)
     lora.load_adapter(model, adapter, "task")
-    records = evaluation.evaluate(model, models.load_tokenizer(base), args.task,
-                                  items[env.rank::env.world], batch_size=args.eval_batch_size)
+    try:
+        records = evaluation.evaluate(model, models.load_tokenizer(base), args.task,
+                                      items[env.rank::env.world], batch_size=args.eval_batch_size)
+    except evaluation.NonFinite as e:
+        raise evaluation.NonFinite(evaluation.name_broken(e, base, str(adapter))) from None
     parts = [path.with_name(f".{path.stem}.rank{r}.jsonl") for r in range(env.world)]
     evaluation.write_predictions(records, parts[env.rank])
     distributed.barrier(env)
