@@ -5,13 +5,20 @@ hours later (an evaluation limit of 0 after three training stages, a temperature
 ends the command at once, in argparse's own format (`error: argument --epochs: ...`, exit 2),
 with the range and the fix. `short` cuts long values (a 50k-character data item) inside messages.
 
+An error a user caused ends a command with one `error:` line (`fail`, exit 2) of at most a few
+hundred characters; Ctrl-C outside a training loop ends it with one line too (`interrupted`,
+exit 130, as a shell reports SIGINT).
+
 No torch at import time: the compare command, which needs none, uses this module too.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from typing import Callable
+
+MAX_MESSAGE = 600  # characters of an error line: the start (what and where) and the end (the fix)
 
 
 def short(value: object, limit: int = 80) -> str:
@@ -70,3 +77,23 @@ def device(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} "
                                          f"CUDA device(s), numbered from 0")
     return text
+
+
+def clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text` with its middle cut out when longer than `limit`: the start says what and where,
+    the end says the fix."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit * 2 // 3]} ... {text[-(limit // 3 - 5):]}"
+
+
+def fail(error: BaseException | str) -> int:
+    """Print the `error:` line (clipped) and return exit status 2."""
+    print(f"error: {clip(str(error))}", file=sys.stderr)
+    return 2
+
+
+def interrupted(kept: str) -> int:
+    """Print the one line of a Ctrl-C and return 130 (128 + SIGINT)."""
+    print(f"interrupted (Ctrl-C); {kept}", file=sys.stderr)
+    return 130

@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import Sequence
 
+import cli
 import files
 import predictions
 import report
@@ -60,8 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             files.check_writable(args.out, "--out", is_dir=True)
         result = build(paths, args.metric)
     except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return cli.fail(error)
     print(report.format_report_text(result, args.show))
     if args.out is None:
         print("(pass --out DIR to write report.json, report.md, report.png and regressions.jsonl)")
@@ -69,8 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         written = report.write_report(result, args.out, args.show)
     except OSError as error:
-        print(f"error: cannot write the report to --out {args.out}: {error.strerror or error}", file=sys.stderr)
-        return 2
+        return cli.fail(f"cannot write the report to --out {args.out}: {error.strerror or error}")
     print("wrote " + ", ".join(str(p) for p in written))
     if not any(p.suffix == ".png" for p in written):
         print(report.PNG_HINT)

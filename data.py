@@ -40,6 +40,7 @@ the items; toy.py registers its toy tasks so when it is imported (train.py and e
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import re
@@ -49,6 +50,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
+
+import files
 
 
 @dataclass
@@ -130,15 +133,14 @@ Record = tuple[str, dict]  # (where: "file:line" for messages, the raw record)
 # ---------------------------------------------------------------- file readers
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                records.append(_as_record(_parse_json(line, f"{path}:{n}"), f"{path}:{n}"))
+    for n, line in enumerate(files.read_text(path).split("\n"), 1):
+        if line.strip():
+            records.append(_as_record(_parse_json(line, f"{path}:{n}"), f"{path}:{n}"))
     return records
 
 
 def _read_json_array(path: Path) -> list[Record]:
-    data = _parse_json(path.read_text(encoding="utf-8"), str(path))
+    data = _parse_json(files.read_text(path), str(path))
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
     return [_as_record(r, f"{path} record {i}") for i, r in enumerate(data)]
@@ -146,9 +148,8 @@ def _read_json_array(path: Path) -> list[Record]:
 
 def _read_csv(path: Path) -> list[Record]:
     # newline="" lets the csv module keep the newlines inside quoted dialogue fields.
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        return [(f"{path}:{reader.line_num}", row) for row in reader]
+    reader = csv.DictReader(io.StringIO(files.read_text(path), newline=""))
+    return [(f"{path}:{reader.line_num}", row) for row in reader]
 
 
 def _read_parquet(path: Path) -> list[Record]:
@@ -181,7 +182,7 @@ def _as_record(value, where: str) -> Record:
 def _attach_piqa_labels(records: list[Record], jsonl: Path) -> None:
     """PIQA keeps labels in X-labels.lst, one 0/1 per line aligned with X.jsonl."""
     path = _existing(jsonl.with_name(jsonl.stem + "-labels.lst"))
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in files.read_text(path).splitlines()]
     if len(lines) != len(records):
         raise ValueError(f"{path} has {len(lines)} labels but {jsonl} has {len(records)} records: "
                          "the two files must align line by line")

@@ -627,7 +627,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["compare"]:
         import compare  # the report needs no torch model; imported only for the subcommand
 
-        return compare.main(argv[1:])
+        try:
+            return compare.main(argv[1:])
+        except KeyboardInterrupt:
+            return cli.interrupted("no report was written")
     if argv[:1] == ["summary"]:
         import summary
 
@@ -636,8 +639,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(args)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
+    except KeyboardInterrupt:
+        return cli.interrupted(f"nothing was written to --out {args.out}")
     return 0
 
 

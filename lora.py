@@ -32,17 +32,14 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import re
 from collections import Counter
-from functools import partial
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -369,12 +366,13 @@ def _read_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if unsupported:
         raise ValueError(f"{config_file}: this LoRA implementation supports plain LoRA only; "
                          f"unsupported settings {unsupported}")
-    for name, read in ((WEIGHTS_NAME, load_file),
-                       (LEGACY_WEIGHTS_NAME, partial(torch.load, map_location="cpu", weights_only=True))):
+    for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
         if (path / name).is_file():
             try:
-                return config, read(path / name)
-            except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as e:
+                if name == WEIGHTS_NAME:
+                    return config, load_file(path / name)
+                return config, torch.load(path / name, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 (torch.load: UnpicklingError, EOFError, RuntimeError)
                 raise ValueError(f"cannot read {path / name} ({str(e)[:160]}); the file is probably "
                                  f"truncated or corrupt: save or download the adapter again") from None
     raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {path}")

@@ -10,13 +10,13 @@ pickle, never remote code.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
+import files as fileio
 import llama
 import phi
 from tokenizer import Tokenizer, load_tokenizer_dir
@@ -73,7 +73,30 @@ def read_config(ckpt_dir: Path) -> dict[str, Any]:
             f"{ckpt_dir} {what}: expected a Hugging Face checkpoint directory "
             "(config.json, *.safetensors, tokenizer files)"
         )
-    return json.loads(path.read_text())
+    return fileio.read_json(path, fix=FIX_CONFIG)
+
+
+FIX_CONFIG = "copy the config.json of the original checkpoint into the directory"
+# Sizes every family reads from config.json: required, then optional (the family has a default).
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def check_sizes(hf_config: dict[str, Any], source: str) -> None:
+    """The model's sizes are positive integers and the heads divide the width (and the query
+    heads the key/value heads), so that a wrong config.json is named here, not deep in torch."""
+    for key in SIZES + OPTIONAL_SIZES:
+        value = hf_config.get(key)
+        if (key in SIZES or value is not None) and (not isinstance(value, int) or isinstance(value, bool)
+                                                    or value <= 0):
+            raise ValueError(f"{source}: {key} should be a positive integer, got {value!r:.60}; {FIX_CONFIG}")
+    heads, width = hf_config["num_attention_heads"], hf_config["hidden_size"]
+    if hf_config.get("head_dim") is None and width % heads:
+        raise ValueError(f"{source}: num_attention_heads {heads} does not divide hidden_size {width}; {FIX_CONFIG}")
+    kv = hf_config.get("num_key_value_heads") or heads
+    if heads % kv:
+        raise ValueError(f"{source}: num_key_value_heads {kv} does not divide num_attention_heads {heads}; "
+                         f"{FIX_CONFIG}")
 
 
 def build_model(hf_config: dict[str, Any], source: str = "config") -> nn.Module:
@@ -88,8 +111,12 @@ def build_model(hf_config: dict[str, Any], source: str = "config") -> nn.Module:
         raise ValueError(
             f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
         )
+    check_sizes(hf_config, source)
     config_cls, model_cls = FAMILIES[model_type]
-    return model_cls(config_cls.from_hf(hf_config))
+    try:
+        return model_cls(config_cls.from_hf(hf_config))
+    except (KeyError, TypeError) as e:  # a field missing or of a wrong type that check_sizes leaves
+        raise ValueError(f"{source}: field {e} is missing or of the wrong type; {FIX_CONFIG}") from None
 
 
 def weight_files(ckpt_dir: Path) -> list[Path]:
@@ -98,7 +125,11 @@ def weight_files(ckpt_dir: Path) -> list[Path]:
                                 ("pytorch_model.bin.index.json", "*.bin")):
         index = ckpt_dir / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = fileio.read_json(index, fix="download the checkpoint again").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: expected a 'weight_map' object (tensor name -> file name); "
+                                 f"download the checkpoint again")
+            shards = sorted(set(map(str, weight_map.values())))
             missing = [s for s in shards if not (ckpt_dir / s).is_file()]
             if missing:
                 raise FileNotFoundError(f"{ckpt_dir}: shards listed in {index_name} are missing: {missing}")
@@ -148,12 +179,23 @@ def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, device
                                  f"quantized or integer checkpoints are not supported: use the "
                                  f"float16/bfloat16/float32 weights of the model")
             shard[name] = tensor.to(device=device, dtype=dtype)
+        _check_shapes(model, shard, path)
         model.load_state_dict(shard, strict=False, assign=True)
         seen.update(shard)
     missing = expected - seen - ({"lm_head.weight"} if tied else set())
     if missing:
         raise ValueError(f"checkpoint is missing tensors: {sorted(missing)[:5]} ({len(missing)} in all)")
     model.tie_weights()
+
+
+def _check_shapes(model: nn.Module, shard: dict[str, torch.Tensor], path: Path) -> None:
+    """Every tensor of the file has the shape config.json gives it."""
+    expected = model.state_dict()
+    for name, tensor in shard.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json "
+                             f"gives {tuple(expected[name].shape)}: the weights and the config are of "
+                             f"different models; {FIX_CONFIG}")
 
 
 def _unexpected_tensor(path: Path, name: str, model_type: str) -> str:

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+import files
 import harness
 
 ROLES = ("old", "new", "compat")
@@ -52,15 +53,14 @@ def _existing(path: str | Path) -> Path:
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
     """(line number, parsed JSON) of every non-blank line; a line that is not JSON is an error."""
     parsed = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                parsed.append((number, json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}); each line must be one "
-                                 "prediction record") from None
+    for number, line in enumerate(files.read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            parsed.append((number, json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}); each line must be one "
+                             "prediction record") from None
     return parsed
 
 

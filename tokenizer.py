@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Any, Protocol
 
+import files
+
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -232,7 +234,8 @@ def _special_token_settings(ckpt_dir: Path) -> dict[str, Any]:
     for name in reversed(CONFIG_FILES):
         path = ckpt_dir / name
         if path.is_file():
-            settings.update({k: v for k, v in json.loads(path.read_text()).items() if v is not None})
+            found = files.read_json(path, fix="copy the file of the original checkpoint again")
+            settings.update({k: v for k, v in found.items() if v is not None})
     return settings
 
 

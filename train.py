@@ -738,8 +738,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(args, distributed.setup(args.device))
         return 0
     except evaluation.USER_ERRORS as e:  # a wrong input: the message says what to fix
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
+    except KeyboardInterrupt:  # outside the training loop, which checkpoints first (Interrupted)
+        return cli.interrupted("finished stages, checkpoints and predictions are kept: rerun the "
+                               "same command to resume")
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -12,7 +12,6 @@ import eval as ev
 import lora
 import models
 from test_reliability import assert_one_line_error
-from test_train import tiny_models  # noqa: F401 (fixture)
 
 
 def broken_copy(ckpt: str, dest, change) -> str:
@@ -104,3 +103,33 @@ def test_an_adapter_config_out_of_range_is_refused_and_the_model_is_unchanged(ti
         lora.load_adapter(fresh, path)
     assert str(info.value) == f"{path / lora.CONFIG_NAME}: {message}"
     assert fresh.state_dict().keys() == before.keys()
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(tiny_models, data_dir, tmp_path, monkeypatch, capsys):
+    import predictions
+    import train
+    from tiny import tiny_flags
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "load_task", ctrl_c)
+    out = tmp_path / "p.jsonl"
+    assert ev.main(["--model", tiny_models[0], "--task", "piqa", "--data-dir", str(data_dir), "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"interrupted (Ctrl-C); nothing was written to --out {out}"
+    assert train.main(tiny_flags(*tiny_models, data_dir, tmp_path / "run")) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "interrupted (Ctrl-C); finished stages, checkpoints and predictions are kept: rerun the same command to resume")
+    monkeypatch.setattr(predictions, "read_run", ctrl_c)
+    assert ev.main(["compare", "a.jsonl", "b.jsonl"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted (Ctrl-C); no report was written"
+
+
+def test_a_huge_value_in_a_message_is_cut(data_dir, tiny_models, tmp_path, capsys):
+    shutil.copytree(data_dir / "piqa", tmp_path / "piqa")
+    labels = tmp_path / "piqa" / "valid-labels.lst"
+    labels.write_text("x" * 50_000 + "\n" + labels.read_text().split("\n", 1)[1])
+    assert ev.main(["--model", tiny_models[0], "--task", "piqa", "--data-dir", str(tmp_path), "--out",
+                    str(tmp_path / "p.jsonl")]) == 2
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")][0]
+    assert len(line) <= 620 and line.startswith(f"error: {labels}:1: label 'xxx") and " ... " in line
