@@ -92,13 +92,21 @@ def all_reduce_sum(values: list[float], env: Dist) -> list[float]:
     return t.tolist()
 
 
-def first_message(message: str | None, env: Dist) -> str | None:
+def first_message(message: str | None, env: Dist, timeout_s: float | None = None) -> str | None:
     """The first rank's message that is not None (in rank order), on every rank: a collective,
-    so a failure on one rank ends every rank with the same words instead of a hang."""
+    so a failure on one rank ends every rank with the same words instead of a hang.
+
+    `timeout_s` replaces the process group's timeout for this wait (through a gloo group of its
+    own), for ranks that wait on slow work such as a download; a rank that dies meanwhile still
+    ends the others, as torchrun stops every worker when one fails."""
     if env.world == 1:
         return message
+    group = (dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+             if timeout_s is not None else None)
     messages: list[str | None] = [None] * env.world
-    dist.all_gather_object(messages, message)
+    dist.all_gather_object(messages, message, group=group)
+    if group is not None:
+        dist.destroy_process_group(group)
     return next((m for m in messages if m is not None), None)
 
 

@@ -166,6 +166,11 @@ class FetchFailed(OSError):
     """Another process could not fetch --old or --new; the message is its error."""
 
 
+# How long the other ranks wait for local rank 0's downloads (a 13 GB checkpoint at 1 MB/s takes
+# under 4 hours), instead of the process group's timeout for a peer that died.
+DOWNLOAD_WAIT_S = 6 * 3600
+
+
 def fetch_models(args: argparse.Namespace, env: Dist) -> None:
     """Resolve --old and --new (checkpoint and tokenizer files: downloaded, or a toy model built)
     once per machine: local rank 0 first while the other ranks wait, then they read the files it
@@ -177,7 +182,7 @@ def fetch_models(args: argparse.Namespace, env: Dist) -> None:
                 models.resolve(name)
         except Exception as e:  # any failure: the waiting ranks get its message, this rank raises it
             failure, message = e, str(e)
-    message = distributed.first_message(message, env)
+    message = distributed.first_message(message, env, timeout_s=DOWNLOAD_WAIT_S)
     if failure is not None:
         raise failure
     if message is not None:

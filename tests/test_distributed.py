@@ -145,3 +145,31 @@ def test_a_failed_download_ends_every_rank_with_the_same_line(tiny_models, data_
     assert "models.py" not in done.stderr  # no rank's traceback (torchrun prints its own summary)
     assert {rank for rank, _, _ in calls} == {0}  # rank 1 waited, and never asked the hub
     assert not (tmp_path / "run").exists()
+
+
+def _slow_first_message(rank: int, port: int, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    import distributed
+
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=2))
+    if rank == 0:
+        time.sleep(5)  # a download longer than the process group's timeout
+    message = distributed.first_message("rank 0 failed" if rank == 0 else None,
+                                        distributed.Dist(rank, 2), timeout_s=60)
+    Path(out, f"rank{rank}").write_text(message)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # ~10 s: two spawned processes, one sleeping 5 s
+def test_ranks_wait_for_a_download_longer_than_the_group_timeout(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    mp.spawn(_slow_first_message, args=(store.port, str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["rank 0 failed"] * 2
