@@ -1,18 +1,21 @@
-"""torch.distributed for train.py: process group, FSDP2 sharding, activation checkpointing, reductions.
+"""torch.distributed for train.py: process group, FSDP2 sharding, activation checkpointing, reductions,
+and work done by each machine's local rank 0 first (downloads) while the other ranks wait.
 
 One code path for every set-up: `python train.py` is world size 1 (no process group, plain
 modules on CPU); `torchrun --nproc_per_node N train.py` initialises NCCL on GPUs or gloo on CPU
 and shards every model with FSDP2 (`fully_shard`) per transformer block, then `lm_head`, then the
 root, as torchtune's `shard_model` does. FSDP2 shards each parameter, so frozen base weights and
-trainable LoRA weights can share a unit (FSDP1's flat parameters need one `requires_grad` per unit). On GPU, a single process is sharded too (world size 1), so that the
-frozen base can stay in bf16 while FSDP's mixed precision keeps fp32 master copies of the LoRA
-weights.
+trainable LoRA weights can share a unit (FSDP1's flat parameters need one `requires_grad` per
+unit). On GPU, a single process is sharded too (world size 1), so that the frozen base can stay
+in bf16 while FSDP's mixed precision computes the float32 LoRA weights (their own master copies)
+in bf16 and reduces their gradients in fp32.
 """
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -108,6 +111,29 @@ def first_message(message: str | None, env: Dist, timeout_s: float | None = None
     if group is not None:
         dist.destroy_process_group(group)
     return next((m for m in messages if m is not None), None)
+
+
+class PeerFailed(OSError):
+    """Another rank failed in work this rank waited for; the message is that rank's error."""
+
+
+def local_rank_0_first(work: Callable[[bool], None], env: Dist, timeout_s: float) -> None:
+    """`work(False)` on each machine's local rank 0 while the other ranks wait (up to
+    `timeout_s`), then `work(True)` on the others: a download, then reading what it fetched. When
+    a local rank 0 fails, it raises its error and every other rank PeerFailed with its message."""
+    failure, message = None, None
+    if env.local_rank == 0:
+        try:
+            work(False)
+        except Exception as e:  # any failure: the waiting ranks get its message, this rank raises it
+            failure, message = e, str(e)
+    message = first_message(message, env, timeout_s)
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise PeerFailed(message)
+    if env.local_rank != 0:
+        work(True)
 
 
 def barrier(env: Dist) -> None:

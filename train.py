@@ -162,10 +162,6 @@ def task_data(args: argparse.Namespace, stage: int, env: Dist, cross: bool = Fal
 # ============================================================================ models
 
 
-class FetchFailed(OSError):
-    """Another process could not fetch --old or --new; the message is its error."""
-
-
 # How long the other ranks wait for local rank 0's downloads (a 13 GB checkpoint at 1 MB/s takes
 # under 4 hours), instead of the process group's timeout for a peer that died.
 DOWNLOAD_WAIT_S = 6 * 3600
@@ -175,21 +171,10 @@ def fetch_models(args: argparse.Namespace, env: Dist) -> None:
     """Resolve --old and --new (checkpoint and tokenizer files: downloaded, or a toy model built)
     once per machine: local rank 0 first while the other ranks wait, then they read the files it
     fetched from the cache, without the network. If it fails, every rank ends with its message."""
-    failure, message = None, None
-    if env.local_rank == 0:
-        try:
-            for name in (args.old, args.new):
-                models.resolve(name)
-        except Exception as e:  # any failure: the waiting ranks get its message, this rank raises it
-            failure, message = e, str(e)
-    message = distributed.first_message(message, env, timeout_s=DOWNLOAD_WAIT_S)
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise FetchFailed(message)
-    if env.local_rank != 0:
+    def resolve_both(local_only: bool) -> None:
         for name in (args.old, args.new):
-            models.resolve(name, local_only=True)
+            models.resolve(name, local_only)
+    distributed.local_rank_0_first(resolve_both, env, DOWNLOAD_WAIT_S)
 
 
 class VocabularyMismatch(ValueError):

@@ -102,28 +102,32 @@ def forward_family(family: str, size: str, device: torch.device) -> list[list]:
     import models
 
     batch, seq = FORWARD_BATCH[size]
+    cfg = {**FORWARD[size][family], "initializer_range": 0.05}
+    bf16, fp32 = torch.bfloat16, torch.float32
     with tempfile.TemporaryDirectory() as tmp:
-        path = common.save_random_hf_checkpoint({**FORWARD[size][family], "initializer_range": 0.05}, Path(tmp))
-        ours = {dt: models.load_model(path, dtype=dt, device=device) for dt in (torch.float32, torch.bfloat16)}
-        theirs = {dt: common.load_reference(path, dt).to(device) for dt in (torch.float32, torch.bfloat16)}
-    vocab = FORWARD[size][family]["vocab_size"]
-    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
-    ref = ours[torch.float32](ids)
+        path = common.save_random_hf_checkpoint(cfg, Path(tmp))
+        ours = {dt: models.load_model(path, dtype=dt, device=device) for dt in (fp32, bf16)}
+        theirs = {dt: common.load_reference(path, dt).to(device) for dt in (fp32, bf16)}
+    ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    logits = {("ours", dt): ours[dt](ids) for dt in (fp32, bf16)}
+    logits.update({("transformers", dt): theirs[dt](ids).logits for dt in (fp32, bf16)})
     mask = right_padded(ids)
-    padded_ref = padded_logits(ours[torch.float32], ids, mask, causal=False)
-    r = {"ours bf16 vs ours fp32": compare(ours[torch.bfloat16](ids), ref),
-         "transformers bf16 vs ours fp32": compare(theirs[torch.bfloat16](ids).logits, ref),
-         "ours bf16 vs transformers bf16": compare(ours[torch.bfloat16](ids), theirs[torch.bfloat16](ids).logits),
-         "ours fp32 vs transformers fp32": compare(ref, theirs[torch.float32](ids).logits),
-         "right-padded bf16, causal path vs fp32": compare(padded_logits(ours[torch.bfloat16], ids, mask, True), padded_ref),
-         "right-padded bf16, masked path vs fp32": compare(padded_logits(ours[torch.bfloat16], ids, mask, False), padded_ref)}
+    padded = {kind: padded_logits(ours[bf16], ids, mask, causal=kind == "causal") for kind in ("causal", "masked")}
+    padded_ref = padded_logits(ours[fp32], ids, mask, causal=False)
+    r = {"ours bf16 vs ours fp32": compare(logits["ours", bf16], logits["ours", fp32]),
+         "transformers bf16 vs ours fp32": compare(logits["transformers", bf16], logits["ours", fp32]),
+         "ours bf16 vs transformers bf16": compare(logits["ours", bf16], logits["transformers", bf16]),
+         "ours fp32 vs transformers fp32": compare(logits["ours", fp32], logits["transformers", fp32]),
+         "right-padded bf16, causal path vs fp32": compare(padded["causal"], padded_ref),
+         "right-padded bf16, masked path vs fp32": compare(padded["masked"], padded_ref)}
     rows = [[family, name, f"{v['max_err']:.3g}", f"{v['top1']:.4f}"] for name, v in r.items()]
+    parity = r["ours fp32 vs transformers fp32"]["max_err"]
     problems = [p for p in (
         no_worse(r["ours bf16 vs ours fp32"], r["transformers bf16 vs ours fp32"], "ours bf16", "transformers bf16"),
         no_worse(r["right-padded bf16, causal path vs fp32"], r["right-padded bf16, masked path vs fp32"],
                  "the causal path", "the masked path"),
-        None if r["ours fp32 vs transformers fp32"]["max_err"] <= FP32_PARITY else
-        f"fp32 logits differ from transformers' by {r['ours fp32 vs transformers fp32']['max_err']:.3g} > {FP32_PARITY}",
+        None if parity <= FP32_PARITY else f"fp32 logits differ from transformers' by {parity:.3g} > {FP32_PARITY}",
     ) if p]
     if problems:
         raise CheckFailed(f"{family}: " + "; ".join(problems), rows)
