@@ -521,3 +521,28 @@ class _loader:
 
 
 register()  # importing toy makes its tasks and models known to data and models
+
+
+# ------------------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    """`python toy.py [NAME ...]`: build the toy bases if needed and print each one's sha256."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="toy.py", description="Build the toy bases (if not cached) and print, per base, the sha256 of its "
+        "weights (model.safetensors) and its directory. Two machines built the same toy world when the sums agree.")
+    p.add_argument("names", nargs="*", metavar="NAME", help=f"toy bases (default: all of {', '.join(TOY_MODELS)})")
+    p.add_argument("--size", choices=sorted(SCENARIOS), default=None,
+                   help="scenario (default: $MUSCLE_TOY_SIZE, else 'default')")
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.names) - set(TOY_MODELS))
+    if unknown:
+        p.error(f"unknown toy base {unknown[0]!r}; choose from {', '.join(TOY_MODELS)}")
+    for name in args.names or TOY_MODELS:
+        path = ensure_model(name, args.size)
+        print(f"{name}  {_sha256(path / 'model.safetensors')}  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

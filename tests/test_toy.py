@@ -2,6 +2,7 @@
 ordinary HF directories that load through models.py (and transformers, the oracle), rebuilt when
 missing or corrupt. Uses the micro scenario so every build takes seconds."""
 import contextlib
+import hashlib
 import io
 import json
 from dataclasses import replace
@@ -182,6 +183,20 @@ def test_build_does_not_depend_on_the_callers_thread_count(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert digests[0] == digests[1]
+
+
+def test_toy_command_prints_each_bases_weights_sha256(micro_env, capsys):
+    """`python toy.py` lets two machines compare the worlds they built: one line per base."""
+    assert toy.main([]) == 0
+    lines = [line.split("  ") for line in capsys.readouterr().out.splitlines()]
+    assert [name for name, _, _ in lines] == list(toy.TOY_MODELS)
+    for name, digest, path in lines:
+        assert Path(path) == micro_env[name]
+        assert digest == hashlib.sha256((micro_env[name] / "model.safetensors").read_bytes()).hexdigest()
+    assert toy.main(["toy-v2"]) == 0 and capsys.readouterr().out.split("  ")[0] == "toy-v2"
+    with pytest.raises(SystemExit) as err:
+        toy.main(["toy-v9"])
+    assert err.value.code == 2 and "unknown toy base 'toy-v9'; choose from toy-v1, toy-v2, toy-v3" in capsys.readouterr().err
 
 
 def test_unknown_names_raise_clear_errors(monkeypatch):
