@@ -1,29 +1,25 @@
-"""The toy world's second tokenizer: creature names in syllables, other words whole, own ids.
+"""The toy world's second tokenizer: long creature names in two pieces, other words whole, own ids.
 
 toy-v1 and toy-v2 share one word-level vocabulary, where every creature name is one token. An
 update that changes the vocabulary (Llama 2 -> Llama 3) needs a base that reads the same text
-through other tokens: toy-v3 (toy.py) reads it through this tokenizer. A name is cut into
-consonant-vowel syllables and a final consonant ("zabuk" -> "za" "+bu" "+k", "+" marking a
-piece that continues a word, as WordPiece's "##" does), so the two vocabularies share every
-word except the names, and a name's pieces are shared between creatures. The ids follow
+through other tokens: toy-v3 (toy.py) reads it through this tokenizer. A two-syllable name is
+cut after its first syllable ("zabuk" -> "za" "+buk", "+" marking a piece that continues a
+word, as WordPiece's "##" does); a one-syllable name stays whole. So the two vocabularies share
+every word except half the names, whose first pieces are shared between creatures (as a new
+tokenizer's subwords are) while their last piece still tells them apart. The ids follow
 another order than toy.vocabulary's (words sorted by their reversed spelling), so no id means
 the same in both.
 """
 from __future__ import annotations
 
 CONTINUES = "+"  # WordPiece's continuing-subword prefix ("##" would clash with the answers' "####")
-RECIPE = "syllable-wordpiece-v1"  # part of toy-v3's recipe: a change here rebuilds it
-
-
-def syllables(name: str) -> list[str]:
-    """Consonant-vowel pairs, then the final consonant: "zabuk" -> ["za", "bu", "k"]."""
-    return [name[i:i + 2] for i in range(0, len(name), 2)]
+RECIPE = "syllable-wordpiece-v2"  # part of toy-v3's recipe: a change here rebuilds it
 
 
 def pieces(name: str) -> list[str]:
-    """The tokens of a name: its first syllable, then the others marked as continuations."""
-    first, *rest = syllables(name)
-    return [first] + [CONTINUES + s for s in rest]
+    """The tokens of a name: a two-syllable name's first syllable (consonant, vowel), then the
+    rest marked as a continuation; a one-syllable name (consonant, vowel, consonant) whole."""
+    return [name] if len(name) <= 3 else [name[:2], CONTINUES + name[2:]]
 
 
 def vocabulary(specials: tuple[str, ...], words: list[str], names: list[str]) -> list[str]:

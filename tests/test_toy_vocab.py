@@ -12,16 +12,15 @@ import toy_vocab
 MICRO = toy.SCENARIOS["micro"].world
 
 
-def test_names_split_into_syllables():
-    assert toy_vocab.syllables("zabuk") == ["za", "bu", "k"]
-    assert toy_vocab.pieces("zabuk") == ["za", "+bu", "+k"]
-    assert toy_vocab.pieces("zib") == ["zi", "+b"]
+def test_long_names_split_after_their_first_syllable():
+    assert toy_vocab.pieces("zabuk") == ["za", "+buk"]
+    assert toy_vocab.pieces("zib") == ["zib"]
 
 
 def test_a_name_shadowed_by_a_longer_word_stays_whole():
-    tok = toy_vocab.build_tokenizer(toy.SPECIALS, toy.UNK, ["bug", "the", "bugal", "zib"],
-                                    ["bugal", "zib"])
-    assert tok.encode("the bugal zib").tokens == ["the", "bugal", "zi", "+b"]
+    tok = toy_vocab.build_tokenizer(toy.SPECIALS, toy.UNK, ["bug", "the", "bugal", "zibak"],
+                                    ["bugal", "zibak"])
+    assert tok.encode("the bugal zibak").tokens == ["the", "bugal", "zi", "+bak"]
 
 
 def _load(tmp_path, name, tok):
@@ -48,14 +47,15 @@ def test_v3_has_its_own_ids_and_every_word_but_the_names(pair):
     assert None not in ids_v3.values()
     assert sum(ids_v1[w] == ids_v3[w] for w in words) < len(words) / 2
     assert not any(v3.backend.token_id(n) for n in names if len(n) > 3)
+    assert all(v3.backend.token_id(n) is not None for n in names if len(n) == 3)
 
 
 def test_toy_pair_alignment_by_hand(pair):
     creatures, v1, v3 = pair
-    name = next(c.name for c in creatures if len(c.name) == 3)
+    name = next(c.name for c in creatures if len(c.name) == 5)
     text = f"Question: what does the {name} eat ?\nAnswer: seeds"
-    # v1: BOS Question : what does the NAME eat ? Answer : seeds EOS
-    # v3: BOS Question : what does the NA +ME eat ? Answer : seeds EOS
+    # v1: BOS Question : what does the NAMEX eat ? Answer : seeds EOS
+    # v3: BOS Question : what does the NA +MEX eat ? Answer : seeds EOS
     new_ids = v3.encode(text) + [v3.eos_id]
     old_ids, old_position = cross_vocab.encode_aligned(v3, v1, text, new_ids, max_len=64)
     assert len(old_ids) == 13 and len(new_ids) == 14
