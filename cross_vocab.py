@@ -37,6 +37,8 @@ from tokenizer import Tokenizer
 
 Span = tuple[int, int]
 CHOICES = ("fill", "renorm")  # how M1's unmapped mass is handled (module docstring)
+# Masks that never read M1's logits (muscle.MASKS), for which the loss skips mapping them twice.
+MASKS_IGNORING_OLD = {"student_correct", "new_only", "none"}
 
 
 # ----------------------------------------------------------------------------------- vocabularies
@@ -241,10 +243,11 @@ def muscle_loss_cross(h_student: torch.Tensor, h_old: torch.Tensor, h_new: torch
             z_old = muscle.upcast(head_o(ho[ok]))
             old_teacher, usable, mass = _old_teacher(z_old, ok, p_new, vmap, new_only, rule,
                                                      temperature, real)
-            # What the mask sees of M1: its mapped distribution at T = 1, as masks read logits.
-            at_one, _, _ = _old_teacher(z_old, ok, torch.softmax(new, dim=-1), vmap, new_only, rule,
-                                        1.0, real)
-            old_logits = torch.where(usable.unsqueeze(-1), at_one.clamp_min(1e-300).log(), new)
+            old_logits = new  # what the mask sees of M1, when it reads M1 at all:
+            if mask not in MASKS_IGNORING_OLD:  # its mapped distribution at T = 1, as logits
+                at_one, _, _ = _old_teacher(z_old, ok, torch.softmax(new, dim=-1), vmap, new_only,
+                                            rule, 1.0, real)
+                old_logits = torch.where(usable.unsqueeze(-1), at_one.clamp_min(1e-300).log(), new)
             wants_old = muscle.get_mask(mask)(student, old_logits, new, y) & real
             follow = wants_old & usable
             teacher = torch.where(follow.unsqueeze(-1), old_teacher, p_new)

@@ -311,3 +311,12 @@ def test_logits_exist_one_chunk_at_a_time():
                                         labels, torch.ones(3, 9, dtype=torch.bool), vmap, chunk_size=5)
     out.loss.backward()
     assert out.tokens == 19 and max(rows) == 5 and sum(rows) == 3 * 19
+
+
+@pytest.mark.parametrize("mask", sorted(cross_vocab.MASKS_IGNORING_OLD))
+def test_masks_said_to_ignore_the_old_model_do(mask):
+    g = torch.Generator().manual_seed(5)
+    student, new, old_a, old_b = (torch.randn(2, 6, 7, generator=g) for _ in range(4))
+    labels = torch.randint(0, 7, (2, 6), generator=g)
+    fn = muscle.get_mask(mask)
+    assert torch.equal(fn(student, old_a, new, labels), fn(student, old_b, new, labels))
