@@ -16,7 +16,7 @@ more, but not everything v1 knew: the update moves which instances each model ge
 flips, the paper's Sec. 3). MUSCLE needs the same vocabulary, not the same architecture.
 
 toy-v3 is toy-v2's recipe (a Phi, the same corpus sample and steps) reading the world through
-another tokenizer (toy_vocab.py: names in syllables, other ids), so toy-v1 -> toy-v3 is an update
+another tokenizer (toy_vocab.py: two-syllable names in two pieces, other ids), so toy-v1 -> toy-v3 is an update
 that changes the vocabulary, for MUSCLE across vocabularies (train.py --cross-vocab).
 
 The tasks: "toy-mc" (multiple choice by log-likelihood, like PIQA/HellaSwag) asks a creature's colour,
@@ -256,7 +256,7 @@ def build_tokenizer(creatures: list[Creature]):
 
 
 def build_syllable_tokenizer(creatures: list[Creature]):
-    """toy-v3's tokenizer: the same words, creature names in syllables, ids of its own."""
+    """toy-v3's tokenizer: the same words, two-syllable creature names in two pieces, ids of its own."""
     return toy_vocab.build_tokenizer(SPECIALS, UNK, vocabulary(creatures), [c.name for c in creatures])
 
 
@@ -305,7 +305,7 @@ class BaseSpec:
 @dataclass(frozen=True)
 class Scenario:
     """A world and the base models pre-trained on it; v3 reads the world through toy_vocab's
-    tokenizer (names in syllables, other ids), so toy-v1 -> toy-v3 changes the vocabulary."""
+    tokenizer (two-syllable names in two pieces, other ids), so toy-v1 -> toy-v3 changes the vocabulary."""
 
     world: WorldConfig
     v1: BaseSpec
