@@ -298,41 +298,58 @@ def ce_loss(model: nn.Module, chunk_size: int = CHUNK_SIZE) -> LossFn:
                                                    model.lm_head, b["labels"], chunk_size)
 
 
-def muscle_loss(student: nn.Module, old: nn.Module, args: argparse.Namespace,
+def compat_step_loss(b: dict, student: nn.Module, old: nn.Module, args: argparse.Namespace,
+                     vmap: cross_vocab.VocabMap | None = None) -> muscle.LossSum:
+    """One compatibility step's loss, teachers online (the paper, Sec. 4.1, Eq. 1-2).
+
+    M1 = base v1 + A1 and M2 = base v2 + A2 run without gradients, then the student Mc = base
+    v2 + Ac. At every label token t the mask m_t (`--mask`; the paper's `student_correct`:
+    m_t = [argmax z_c[t] != y_t]) picks the teacher the student follows:
+        L = sum_t T^2 KL(softmax(z_teacher[t] / T) || softmax(z_c[t] / T))  [+ ce_weight * CE]
+    with teacher = M1 where m_t, else M2. The logits z, the mask and the KL are computed a chunk
+    of positions at a time from the final hidden states, in `muscle.muscle_loss_chunked`.
+    M1 reads its own token ids where its tokenizer splits the text differently (align.py), and a
+    student position without an M1 counterpart follows M2. With `vmap` (two vocabularies), M1's
+    distribution is first mapped onto the student's vocabulary (cross_vocab.py)."""
+    ids, mask = b["input_ids"], b["attention_mask"]
+    with torch.no_grad():
+        h_old = align.teacher_hidden_states(old, b)  # M1 at the student's positions: [B, T, H_1]
+    with teacher_mode(student, "task"):
+        h_new = student.hidden_states(ids, mask)  # M2: [B, T, H]
+    h = student.hidden_states(ids, mask)  # Mc, with gradients: [B, T, H]
+    heads = (student.lm_head, old.lm_head, student.lm_head)
+    if vmap is not None:
+        return cross_vocab.muscle_loss_cross(
+            h, h_old, h_new, heads, b["labels"], align.has_counterpart(b), vmap,
+            args.cross_vocab, args.mask, args.temperature, args.ce_weight, args.chunk_size)
+    return muscle.muscle_loss_chunked(h, h_old, h_new, heads, b["labels"], mask=args.mask,
+                                      temperature=args.temperature, ce_weight=args.ce_weight,
+                                      chunk_size=args.chunk_size, old_valid=align.has_counterpart(b))
+
+
+def stored_compat_step_loss(b: dict, student: nn.Module, store: teacher_store.TeacherStore,
+                            args: argparse.Namespace) -> muscle.LossSum:
+    """One compatibility step's loss with --teachers store: the same loss as `compat_step_loss`,
+    with the teachers' stored top-k distributions in place of their forwards (no teacher runs;
+    muscle.stored_muscle_loss_chunked)."""
+    old, new = store.batch_fields(b)
+    h = student.hidden_states(b["input_ids"], b["attention_mask"])  # Mc: [B, T, H]
+    return muscle.stored_muscle_loss_chunked(h, student.lm_head, old, new, b["labels"],
+                                             mask=args.mask, temperature=args.temperature,
+                                             ce_weight=args.ce_weight, chunk_size=args.chunk_size,
+                                             old_valid=align.has_counterpart(b))
+
+
+def compat_loss(student: nn.Module, old: nn.Module, args: argparse.Namespace,
                 vmap: cross_vocab.VocabMap | None = None) -> LossFn:
-    """Stage 3 with --teachers online: the MUSCLE loss of the student (v2 + compat) against M1
-    and M2 (v2 + task), both run on every batch; with a vocabulary map, M1's distributions are
-    mapped onto the student's vocabulary (cross_vocab.py)."""
-    def loss(b):
-        ids, mask = b["input_ids"], b["attention_mask"]
-        with torch.no_grad():
-            h_old = align.teacher_hidden_states(old, b)
-        with teacher_mode(student, "task"):
-            h_new = student.hidden_states(ids, mask)
-        h = student.hidden_states(ids, mask)
-        heads = (student.lm_head, old.lm_head, student.lm_head)
-        if vmap is not None:
-            return cross_vocab.muscle_loss_cross(
-                h, h_old, h_new, heads, b["labels"], align.has_counterpart(b), vmap,
-                args.cross_vocab, args.mask, args.temperature, args.ce_weight, args.chunk_size)
-        return muscle.muscle_loss_chunked(h, h_old, h_new, heads, b["labels"], mask=args.mask,
-                                          temperature=args.temperature, ce_weight=args.ce_weight,
-                                          chunk_size=args.chunk_size, old_valid=align.has_counterpart(b))
-    return loss
+    """Stage 3's loss function for `fit`, teachers online: `compat_step_loss` on each batch."""
+    return lambda b: compat_step_loss(b, student, old, args, vmap)
 
 
-def stored_muscle_loss(student: nn.Module, store: teacher_store.TeacherStore,
+def stored_compat_loss(student: nn.Module, store: teacher_store.TeacherStore,
                        args: argparse.Namespace) -> LossFn:
-    """Stage 3 with --teachers store: the MUSCLE loss of the student against the teachers'
-    stored top-k (muscle.stored_muscle_loss_chunked); no teacher runs."""
-    def loss(b):
-        old, new = store.batch_fields(b)
-        h = student.hidden_states(b["input_ids"], b["attention_mask"])
-        return muscle.stored_muscle_loss_chunked(h, student.lm_head, old, new, b["labels"],
-                                                 mask=args.mask, temperature=args.temperature,
-                                                 ce_weight=args.ce_weight, chunk_size=args.chunk_size,
-                                                 old_valid=align.has_counterpart(b))
-    return loss
+    """Stage 3's loss function for `fit`, teachers from the store: `stored_compat_step_loss`."""
+    return lambda b: stored_compat_step_loss(b, student, store, args)
 
 
 # ============================================================================ stages
@@ -430,16 +447,16 @@ def stage_compat(args: argparse.Namespace, env: Dist, out: Path, td: TaskData,
         lora.mark_trainable(student, "compat")
         student = prepare(student, env, args.grad_checkpointing)
         return train_adapter(args, env, out, 3, student, "compat",
-                             stored_muscle_loss(student, store, args), td, args.new)
+                             stored_compat_loss(student, store, args), td, args.new)
     student, old = compat_models(args, env, out)
     if not cross:
-        return train_adapter(args, env, out, 3, student, "compat", muscle_loss(student, old, args),
+        return train_adapter(args, env, out, 3, student, "compat", compat_loss(student, old, args),
                              td, args.new)
     vmap = cross_vocab.model_vocab_map(models.load_tokenizer(args.old), models.load_tokenizer(args.new),
                                        old.lm_head.out_features, student.lm_head.out_features)
     coverage = cross_vocab.Coverage()
     summary = train_adapter(args, env, out, 3, student, "compat",
-                            coverage.counting(muscle_loss(student, old, args, vmap)), td, args.new)
+                            coverage.counting(compat_loss(student, old, args, vmap)), td, args.new)
     summary["cross_vocab"] = cross_vocab.Coverage.shares(distributed.all_reduce_sum(coverage.totals, env))
     if env.main:
         print(cross_vocab.Coverage.describe(summary["cross_vocab"]))

@@ -160,7 +160,7 @@ def measure(args: argparse.Namespace, env: distributed.Dist, peak_tflops: float)
     dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
     if args.step == "compat":
         student, old, params, cfg = build(args, env, dtype)
-        loss_fn = train.muscle_loss(student, old, argparse.Namespace(
+        loss_fn = train.compat_loss(student, old, argparse.Namespace(
             mask="student_correct", temperature=2.0, ce_weight=0.0, chunk_size=args.chunk_size))
     else:
         student, params, loss_fn, cfg = build_task(args, env, dtype)

@@ -105,7 +105,7 @@ def test_stage3_loss_compares_the_positions_that_predict_the_same_token(bos_pair
     batch = data.collate([(r, r) for r in rows], new_tok.pad_id)
     batch.update(align.collate(teacher.train, old_tok.pad_id, batch["input_ids"].shape[1]))
     args = argparse.Namespace(mask=mask, temperature=2.0, ce_weight=0.3, chunk_size=5)
-    got = train.muscle_loss(student, old, args)(batch)
+    got = train.compat_loss(student, old, args)(batch)
 
     expected_loss, expected_tokens = 0.0, 0
     with torch.no_grad():

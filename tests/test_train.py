@@ -45,7 +45,7 @@ def test_unequal_micro_batches_give_the_gradient_of_one_batch(tiny_models, stage
     lora.mark_trainable(new, name)
     lora.set_adapter(new, name)
     args = argparse.Namespace(mask="student_correct", temperature=2.0, ce_weight=0.5, chunk_size=5)
-    loss_fn = train.muscle_loss(new, old, args) if stage == "compat" else train.ce_loss(new)
+    loss_fn = train.compat_loss(new, old, args) if stage == "compat" else train.ce_loss(new)
     params = lora.adapter_parameters(new, name)
     short = [example(tok, t) for t in CORPUS[:2]]
     long = [example(tok, t + " and " + t) for t in CORPUS[2:5]]
@@ -76,7 +76,7 @@ def test_gradients_reach_only_the_compatibility_adapter(tiny_models):
     tok = models.load_tokenizer(tiny_models[0])
     batch = data.collate([example(tok, t) for t in CORPUS[:3]], tok.pad_id)
     args = argparse.Namespace(mask="student_correct", temperature=2.0, ce_weight=0.1, chunk_size=7)
-    train.muscle_loss(new, old, args)(batch).loss.backward()
+    train.compat_loss(new, old, args)(batch).loss.backward()
     compat = set(lora.adapter_parameters(new, "compat"))
     with_grad = {n for m in (old, new) for n, p in m.named_parameters() if p.grad is not None}
     assert with_grad == compat
@@ -99,7 +99,7 @@ def test_training_losses_pass_no_attention_mask_for_right_padded_batches(tiny_mo
     args = argparse.Namespace(mask="student_correct", temperature=2.0, ce_weight=0.1, chunk_size=7)
     sdpa = SDPACalls(monkeypatch)
     train.ce_loss(new)(batch).loss.backward()
-    train.muscle_loss(new, old, args)(batch).loss.backward()
+    train.compat_loss(new, old, args)(batch).loss.backward()
     assert (sdpa.calls, sdpa.masked) == (4 * new.config.num_hidden_layers, 0)
 
 
