@@ -242,6 +242,11 @@ def test_bad_harness_inputs_are_one_line_errors(runs, tmp_path, capsys):
     err = _error([old, other], capsys)
     assert f"old ({old}), line 3 and new ({other}), line 3 (id 2) are different documents (doc_hash" in err
 
+    def no_hash(n, s):
+        return {k: v for k, v in s.items() if k != "doc_hash"}
+    unhashed = _edit(new, tmp_path / "samples_piqa_nohash.jsonl", no_hash)
+    assert f"{unhashed}:1: harness sample lacks ['doc_hash']" in _error([old, unhashed], capsys)
+
     def no_filtered(n, s):
         return {k: v for k, v in s.items() if k != "filtered_resps"}
     shape = _edit(new, tmp_path / "samples_piqa_shape.jsonl", no_filtered)

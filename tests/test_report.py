@@ -173,6 +173,7 @@ def test_compare_refuses_bad_files_in_one_line_naming_file_and_line(tmp_path, ca
     bad.write_text(json.dumps(records(NEW)[0]) + "\n{not json\n")
     assert "predictions file not found" in _error([old, tmp_path / "missing.jsonl"], capsys)
     assert f"{bad}:2: not valid JSON" in _error([old, bad], capsys)
+    assert "error: --show -1: pass 0 or more" in _error([old, old, "--show", "-1"], capsys)
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
     assert f"{empty}: empty file, no records: evaluate the model again" in _error([old, empty], capsys)
     twice = write_jsonl(tmp_path / "twice.jsonl", records(NEW) + records(NEW)[3:4])
