@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 import compare
 import eval as ev
@@ -12,7 +13,7 @@ import lora
 import models
 import train
 from conftest import DATA_DIR
-from tiny import tiny_flags
+from tiny import make_checkpoint, tiny_flags
 
 
 def cut(data: bytes) -> bytes:
@@ -57,7 +58,16 @@ CASES = [
     ("predictions", "new.jsonl", "a list record", lambda d: b"[1, 2]\n" + d),
     ("predictions", "new.jsonl", "no records", lambda d: b"\n\n"),
     *[("run", train.RUN_CONFIG, name, f) for name, f in JSON_KINDS.items() if name != "empty"],
+    *[("index", "model.safetensors.index.json", name, f) for name, f in JSON_KINDS.items()],
+    ("index", "model.safetensors.index.json", "weight_map a list", edit_json(weight_map=["model.safetensors"])),
+    ("index", "model.safetensors.index.json", "a missing shard", edit_json(weight_map={"lm_head.weight": "x.safetensors"})),
+    *[("gsm8k", "gsm8k/test.jsonl", name, f) for name, f in GENERIC.items() if name != "empty"],
+    ("gsm8k", "gsm8k/test.jsonl", "no final number", lambda d: json.dumps({"question": "q", "answer": "42"}).encode()
+     + b"\n" + d),
+    *[("samsum", "samsum/test.json", name, f) for name, f in JSON_KINDS.items()],
+    ("samsum", "samsum/test.json", "a number for a summary", lambda d: b'[{"id": "1", "dialogue": "a", "summary": 3}]'),
 ]
+TASKS = {"gsm8k": "gsm8k", "samsum": "samsum"}
 
 
 @pytest.fixture(scope="module")
@@ -72,19 +82,28 @@ def originals(tiny_models, tmp_path_factory):
     for name in ("old.jsonl", "new.jsonl"):
         (root / "predictions").mkdir(exist_ok=True)
         (root / "predictions" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for task, name in (("gsm8k", "test.jsonl"), ("samsum", "test.json")):
+        (root / task / task).mkdir(parents=True)
+        shutil.copy(DATA_DIR / task / name, root / task / task / name)
+    shutil.copytree(tiny_models[0], root / "index")
+    names = list(load_file(root / "index" / "model.safetensors"))
+    (root / "index" / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "model.safetensors" for n in names}}))
     (root / "run").mkdir()
     (root / "run" / train.RUN_CONFIG).write_text(json.dumps({"lr": 1e-4}))
     return {"model": Path(tiny_models[0]), "adapter": root / "adapter", "data": root / "data",
-            "predictions": root / "predictions", "run": root / "run"}
+            "predictions": root / "predictions", "run": root / "run", "index": root / "index",
+            "gsm8k": root / "gsm8k", "samsum": root / "samsum"}
 
 
 def command(kind: str, copy: Path, originals: dict, tiny_models, out: Path):
     """The CLI call that reads the file kind, on the corrupted copy."""
-    data = ["--data-dir", str(copy if kind == "data" else originals["data"])]
-    if kind in ("model", "adapter", "data"):
-        model = str(copy if kind == "model" else originals["model"])
+    data = ["--data-dir", str(copy if kind in ("data", *TASKS) else originals["data"])]
+    if kind in ("model", "index", "adapter", "data", *TASKS):
+        model = str(copy if kind in ("model", "index") else originals["model"])
         adapter = ["--adapter", str(copy)] if kind == "adapter" else []
-        return ev.main, ["--model", model, *adapter, "--task", "piqa", *data, "--limit", "2", "--out", str(out)]
+        task = TASKS.get(kind, "piqa")
+        return ev.main, ["--model", model, *adapter, "--task", task, *data, "--limit", "2", "--out", str(out)]
     if kind == "predictions":
         return compare.main, [str(copy / "old.jsonl"), str(copy / "new.jsonl")]
     return train.main, tiny_flags(*tiny_models, originals["data"], copy, "--stage", "1")
@@ -104,3 +123,12 @@ def test_a_corrupted_file_is_one_named_error(kind, name, mutation, change, origi
     assert len(lines) == 1 and "Traceback" not in err, err
     assert Path(name).name in lines[0] and len(lines[0]) <= 700, lines[0]
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_names_both_files(tiny_models, data_dir, tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "small", seed=3, vocab_size=280)
+    shutil.copy(Path(tiny_models[0]) / "tokenizer.json", ckpt / "tokenizer.json")  # 300 tokens
+    assert ev.main(["--model", str(ckpt), "--task", "piqa", "--data-dir", str(data_dir), "--limit", "2",
+                    "--out", str(tmp_path / "p.jsonl")]) == 2
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")][0]
+    assert f"{ckpt / 'tokenizer.json'} has 300 tokens but {ckpt / 'config.json'} has vocab_size 280" in line
