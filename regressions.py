@@ -76,9 +76,10 @@ def table(rows: Sequence[dict], pair: str, show: int) -> list[str]:
         return []
     has_lls = any("model_loglikelihoods" in r for r in chosen)
     continuous = "delta" in chosen[0]
-    header = ["id", "prompt (start)", "gold", "old", pair.split("->")[1]]
+    model = pair.split("->")[1]
+    header = ["id", "prompt (start)", "gold", "old", model]
     header += ["old score", "score", "change"] if continuous else []
-    header += ["log-likelihoods old", "log-likelihoods new", "margin"] if has_lls else []
+    header += ["log-likelihoods old", f"log-likelihoods {model}", "margin"] if has_lls else []
     lines = [f"Worst regressions {pair} ({min(show, len(chosen))} of {len(chosen)}; all in regressions.jsonl)", "",
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in chosen[:show]:

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 import compare
+import regressions
 import report as r
 from test_metrics import COMPAT, COMPAT_S, GOLD, NEW, NEW_S, OLD, OLD_S
 
@@ -138,6 +139,15 @@ def test_negative_flips_rank_by_the_new_models_margin_and_show_limits_the_table(
     flips = [json.loads(line) for line in (tmp_path / "out" / "regressions.jsonl").read_text().splitlines()]
     assert [(f["id"], f["margin"]) for f in flips] == [("q4", 4.0), ("q2", 0.5)]
     assert flips[0]["prompt"] == "Question 4: which one?\nAnswer:" and flips[0]["model_loglikelihoods"] == new_lls[4]
+
+
+def test_regressions_table_names_the_compared_model_in_its_columns():
+    row = {"pair": "old->compat", "id": "q1", "prompt": "p", "gold": 0, "old_prediction": 0,
+           "model_prediction": 1, "old_loglikelihoods": [-1.0, -2.0], "model_loglikelihoods": [-2.0, -1.0],
+           "margin": 1.0}
+    header = regressions.table([row], "old->compat", show=5)[2]
+    assert header == ("| id | prompt (start) | gold | old | compat | log-likelihoods old | "
+                      "log-likelihoods compat | margin |")
 
 
 def test_largest_score_drops_come_first():
