@@ -87,13 +87,21 @@ def clip(text: str, limit: int = MAX_MESSAGE) -> str:
     return f"{text[:limit * 2 // 3]} ... {text[-(limit // 3 - 5):]}"
 
 
-def fail(error: BaseException | str) -> int:
-    """Print the `error:` line (clipped) and return exit status 2."""
-    print(f"error: {clip(str(error))}", file=sys.stderr)
-    return 2
+def say(line: str) -> None:
+    """Write `line` and its newline to stderr in one write: the ranks of a torchrun job share
+    one stderr pipe, and a message written in two pieces (as `print` does) can interleave with
+    another rank's, gluing two lines into one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def fail(error: BaseException | str, status: int = 2) -> int:
+    """Print the `error:` line (clipped) and return exit `status` (2, a wrong input, by default)."""
+    say(f"error: {clip(str(error))}")
+    return status
 
 
 def interrupted(kept: str) -> int:
     """Print the one line of a Ctrl-C and return 130 (128 + SIGINT)."""
-    print(f"interrupted (Ctrl-C); {kept}", file=sys.stderr)
+    say(f"interrupted (Ctrl-C); {kept}")
     return 130

@@ -57,8 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     paths = {role: getattr(args, role) for role in predictions.ROLES if getattr(args, role)}
     if args.show < 0:
-        print(f"error: --show {args.show}: pass 0 or more regressions to show per pair", file=sys.stderr)
-        return 2
+        return cli.fail(f"--show {args.show}: pass 0 or more regressions to show per pair")
     try:
         if args.out is not None:
             files.check_writable(args.out, "--out", is_dir=True)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import cli
 import compare
 import files
 
@@ -149,8 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_md(rows))
         written = write(rows, args.out)
     except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return cli.fail(error)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -750,10 +750,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli.interrupted("finished stages, checkpoints and predictions are kept: rerun the "
                                "same command to resume")
     except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return cli.fail(e, status=1)
     except Interrupted as e:
-        print(e, file=sys.stderr)
+        cli.say(str(e))
         return 128 + e.signum
     finally:
         distributed.teardown()

@@ -112,3 +112,29 @@ def test_an_item_stage_4_cannot_score_stops_the_run_before_stage_1(tiny_models, 
     assert_one_line_error(capsys.readouterr().err, "item piqa/validation/3 cannot be scored: continuation ' twist the lid",
                           " ... ", f"encodes to {n} tokens; scoring needs 1 to max_length=2048")
     assert not out.exists()
+
+
+class _Writes:
+    """A stand-in stderr that records each write call."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_an_error_line_reaches_stderr_in_one_write(monkeypatch):
+    # torchrun's ranks share one stderr pipe: a line written in pieces interleaves with another
+    # rank's line (two `error:` lines glued into one), a single write below PIPE_BUF does not.
+    stderr = _Writes()
+    monkeypatch.setattr("sys.stderr", stderr)
+    assert cli.fail("hub repo 'org/v2' is gated") == 2
+    assert cli.fail("diverged", status=1) == 1
+    assert cli.interrupted("checkpoints are kept") == 130
+    assert stderr.calls == ["error: hub repo 'org/v2' is gated\n", "error: diverged\n",
+                            "interrupted (Ctrl-C); checkpoints are kept\n"]
