@@ -99,23 +99,30 @@ LAYOUT = """expected --data-dir layout (the upstream files, unchanged):
 
 @dataclass(frozen=True)
 class HubCopy:
-    """A hub dataset repository holding a copy of a task's files, pinned to one revision."""
+    """A hub dataset repository holding a copy of a task's files, pinned to one commit, and
+    `source`: where public code names that commit for that repo."""
     repo: str
     revision: str
     files: dict[str, str]  # split -> file name in the repo
+    source: str
 
 
-# Commits where known; refs/convert/parquet (HellaSwag) and main (SAMSum) are branches that the
-# hub could move: pin them to a commit once one has been checked against the upstream files.
 HUB = {
     "piqa": HubCopy("ybisk/piqa", "142c51238b3ca2bc61e9a075913871b8b600e8e1",  # refs/convert/parquet
-                    {s: f"plain_text/{s}/0000.parquet" for s in ("train", "validation")}),
-    "hellaswag": HubCopy("Rowan/hellaswag", "refs/convert/parquet",
-                         {s: f"default/{s}/0000.parquet" for s in ("train", "validation")}),
+                    {s: f"plain_text/{s}/0000.parquet" for s in ("train", "validation")},
+                    "hf_revision of a public lighteval PIQA task; plain_text/validation/0000.parquet "
+                    "at this revision in a public list of pinned eval files"),
+    "hellaswag": HubCopy("Rowan/hellaswag", "218ec52e09a7e7462a5400043bb9a69a41d06b76",  # main
+                         {s: f"data/{s}-00000-of-00001.parquet" for s in ("train", "validation")},
+                         "public code that fetches data/validation-00000-of-00001.parquet (10,042 rows) "
+                         "at this commit, public DATASET_REVISIONS dicts"),
     "gsm8k": HubCopy("openai/gsm8k", "cc7b047b6e5bb11b4f1af84efc572db110a51b3c",
-                     {s: f"main/{s}-00000-of-00001.parquet" for s in ("train", "test")}),
-    "samsum": HubCopy("knkarthick/samsum", "main",
-                      {s: f"{s}.csv" for s in ("train", "validation", "test")}),
+                     {s: f"main/{s}-00000-of-00001.parquet" for s in ("train", "test")},
+                     "inspect_evals' gsm8k pin (quoted in public tests), its datasets cache directory"),
+    "samsum": HubCopy("knkarthick/samsum", "6b929ff10edec703164e3ddb2e94aae058c9ab5f",
+                      {s: f"{s}.csv" for s in ("train", "validation", "test")},
+                      "AIwaterpiggy/SHEER README.md (SAMSum data, pinned revision, read from its CSV "
+                      "files), its datasets cache directory in public docs"),
 }
 LOCAL = {
     "piqa": {"train": "piqa/train.jsonl", "validation": "piqa/valid.jsonl"},

@@ -1,7 +1,7 @@
 """Model registry and loading: a registry name, a local HF checkpoint directory or a hub repo id.
 
 The paper's update chains (its Table 8) are Llama-1 -> Llama-2 -> Vicuna and Phi-1 -> Phi-1.5 ->
-Phi-2; REGISTRY maps the short names used on the command line to their hub repos, and REVISIONS
+Phi-2; REGISTRY maps the short names used on the command line to their hub repos, and PINS
 pins each repo to one hub commit, so a name always downloads the same files (pairs.py lists the
 paper's updates by these names). Loading builds the
 model on the meta device and assigns checkpoint tensors shard by shard, so a 7B model never needs
@@ -11,6 +11,7 @@ pickle, never remote code.
 from __future__ import annotations
 
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -34,24 +35,60 @@ REGISTRY: dict[str, str] = {
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
 }
 
-# Hub commit of each registry repo: the snapshot ids under which these repos are cached in
-# public code. A repo without one here downloads its main branch (`unpinned()` names them).
-REVISIONS: dict[str, str] = {
-    "huggyllama/llama-7b": "8416d3fefb0cb3ff5775a7b13c1692d10ff1aa16",
-    "meta-llama/Llama-2-7b-hf": "01c7f73d771dfac7d292323805ebc428287df4f9",
-    "meta-llama/Meta-Llama-3-8B": "8cde5ca8380496c9a6cc7ef3a8b46a0372a1d920",
-    "lmsys/vicuna-7b-v1.3": "236eeeab96f0dc2e463f2bebb7bb49809279c6d6",
-    "lmsys/vicuna-7b-v1.5": "3321f76e3f527bd14065daf69dad9344000a201d",
-    "microsoft/phi-1": "b9ac0e6d78d43970ecf88e9e0154b3a7da20ed89",
-    "microsoft/phi-1_5": "675aa382d814580b22651a30acb1a585d7c25963",
-    "microsoft/phi-2": "ef382358ec9e382308935a992d908de099b64c23",
-    "HuggingFaceTB/SmolLM2-135M": "93efa2f097d58c2a74874c7e644dbc9b0cee75a2",
+@dataclass(frozen=True)
+class Pin:
+    """The hub commit a registry repo is downloaded at, and `source`: where public code names that
+    commit for that repo (a Hugging Face cache's snapshots/<commit> directory is named by the commit
+    it holds), the record that it exists on the hub. `commit` None: no such record was found,
+    `source` says why, and the repo's main branch is downloaded (--list-pairs: "unpinned")."""
+    commit: str | None
+    source: str
+
+
+PINS: dict[str, Pin] = {
+    "huggyllama/llama-7b": Pin(
+        "8416d3fefb0cb3ff5775a7b13c1692d10ff1aa16",
+        "its snapshot directory in public scripts (LLaVA-Med's apply_delta --base, tinygrad's llama.py --model)"),
+    "meta-llama/Llama-2-7b-hf": Pin(
+        "01c7f73d771dfac7d292323805ebc428287df4f9",
+        "embeddings-benchmark/mteb mteb/models/repllama_models.py (RepLLaMA's base revision), "
+        "a public MODEL_REVISIONS dict"),
+    "meta-llama/Meta-Llama-3-8B": Pin(
+        "8cde5ca8380496c9a6cc7ef3a8b46a0372a1d920",
+        "a public dict of pinned hub revisions, its snapshot directory in public scripts"),
+    "lmsys/vicuna-7b-v1.3": Pin(
+        "236eeeab96f0dc2e463f2bebb7bb49809279c6d6",
+        "its snapshot directory in public code (Spec-Bench scripts, an experiment's pinned snapshot: 2 .bin shards)"),
+    "lmsys/vicuna-7b-v1.5": Pin(
+        "3321f76e3f527bd14065daf69dad9344000a201d",
+        "TOKENIZER_REVISION of lmsys/vicuna-7b-v1.5 in public code, its snapshot directory in public scripts"),
+    "microsoft/phi-1": Pin(
+        "b9ac0e6d78d43970ecf88e9e0154b3a7da20ed89",
+        "its snapshot directory in one public script that reads its config with AutoConfig"),
+    "microsoft/phi-1_5": Pin(
+        "675aa382d814580b22651a30acb1a585d7c25963",
+        "the revision of a public --revision download test, its snapshot directory in public scripts"),
+    "microsoft/phi-2": Pin(
+        "ef382358ec9e382308935a992d908de099b64c23",
+        "dottxt-ai/outlines-core tests/fsm/test_serialization.py (AutoTokenizer revision=)"),
+    "HuggingFaceTB/SmolLM-135M": Pin(
+        "1d461723eec654e65efdc40cf49301c89c0c92f4",
+        "revision= in public model registries (config_revision, tokenizer_revision; an immutable revision URL)"),
+    "HuggingFaceTB/SmolLM2-135M": Pin(
+        "93efa2f097d58c2a74874c7e644dbc9b0cee75a2",
+        "MODEL_REVISION / --model-revision of HuggingFaceTB/SmolLM2-135M in public code"),
 }
 
 
+def revision(repo_id: str) -> str | None:
+    """The pinned hub commit of a repo; None (its main branch) for a repo outside PINS or unpinned."""
+    pin = PINS.get(repo_id)
+    return pin.commit if pin else None
+
+
 def unpinned() -> list[str]:
-    """Registry names whose repo has no pinned commit yet (they follow the repo's main branch)."""
-    return sorted(name for name, repo in REGISTRY.items() if repo not in REVISIONS)
+    """Registry names whose repo has no verified commit (they follow the repo's main branch)."""
+    return sorted(name for name, repo in REGISTRY.items() if revision(repo) is None)
 
 # model_type -> (config class, model class)
 FAMILIES: dict[str, tuple[Any, type[nn.Module]]] = {
@@ -290,7 +327,7 @@ def download(repo_id: str, local_only: bool = False) -> Path:
 
     Weights are safetensors when the repo has them, else `.bin` (e.g. lmsys/vicuna-7b-v1.3), never
     both; other files (flax/tf weights, Meta's original/ folder) are not fetched. A repo pinned in
-    REVISIONS is fetched at that commit, any other at its main branch. The answer is kept for the
+    PINS is fetched at that commit, any other at its main branch. The answer is kept for the
     process, so the later loads of a run do not query the hub again.
     `local_only`: read the cache only (huggingface_hub's local_files_only).
     """
@@ -303,20 +340,25 @@ def download(repo_id: str, local_only: bool = False) -> Path:
 
 
 def _snapshot(repo_id: str, local_only: bool) -> Path:
-    revision = REVISIONS.get(repo_id)
+    commit = revision(repo_id)
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
-        path = Path(snapshot_download(repo_id, revision=revision, local_files_only=local_only,
+        path = Path(snapshot_download(repo_id, revision=commit, local_files_only=local_only,
                                       allow_patterns=HUB_FILES + SAFETENSORS_FILES))
         if not any(path.glob("model*.safetensors")):
-            path = Path(snapshot_download(repo_id, revision=revision, local_files_only=local_only,
+            path = Path(snapshot_download(repo_id, revision=commit, local_files_only=local_only,
                                           allow_patterns=BIN_FILES))
     except GatedRepoError as e:
         raise PermissionError(_login_help(repo_id, "is gated")) from e
     except RepositoryNotFoundError as e:
         raise ValueError(f"hub repo {repo_id!r} not found; {_login_help(repo_id, 'if it is private')}") from e
+    except RevisionNotFoundError as e:
+        raise ValueError(
+            f"hub repo {repo_id!r} has no commit {commit} (its pin in models.PINS): download the repo "
+            f"yourself (hf download {repo_id} --local-dir DIR) and pass DIR instead of its name") from e
     except HfHubHTTPError as e:
         if e.response is not None and e.response.status_code in (401, 403):
             raise PermissionError(_login_help(repo_id, "needs authentication")) from e

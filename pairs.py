@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import data
 import models
 
 TRAINS = "trains"
@@ -72,8 +73,8 @@ def refusal(old: str, new: str) -> str | None:
 
 def _hub(name: str) -> str:
     repo = models.REGISTRY[name]
-    revision = models.REVISIONS.get(repo)
-    return f"`{repo}@{revision[:10]}`" if revision else f"`{repo}` (main, not pinned)"
+    pin = models.PINS.get(repo, models.Pin(None, "not in models.PINS"))
+    return f"`{repo}@{pin.commit[:10]}`" if pin.commit else f"`{repo}` (unpinned: {pin.source})"
 
 
 def table() -> str:
@@ -83,4 +84,15 @@ def table() -> str:
     for p in PAIRS:
         status = "trains as is" if p.status == TRAINS else f"needs `--cross-vocab`: {p.status}"
         rows.append(f"| `{p.old}` | `{p.new}` | {_hub(p.old)} | {_hub(p.new)} | {p.source} | {status} |")
+    return "\n".join(rows)
+
+
+def pins_table() -> str:
+    """Every hub repository the code downloads, its pinned commit and where public code names it
+    (the README's table of pins is this output)."""
+    rows = ["| repository | kind | commit | seen in |", "| --- | --- | --- | --- |"]
+    for repo, pin in models.PINS.items():
+        rows.append(f"| `{repo}` | model | {f'`{pin.commit}`' if pin.commit else 'unpinned'} | {pin.source} |")
+    for copy in data.HUB.values():
+        rows.append(f"| `{copy.repo}` | data set | `{copy.revision}` | {copy.source} |")
     return "\n".join(rows)

@@ -172,18 +172,25 @@ def check_right_padding_takes_the_causal_path(model: torch.nn.Module, monkeypatc
 class FakeHub:
     """A threaded HTTP server on 127.0.0.1 answering the requests huggingface_hub's snapshot_download
     makes (repo info, recursive tree listing, HEAD + GET of /{repo}/resolve/{sha}/{file}) from local
-    directories. `downloads` records every file GET, so tests can assert what was fetched.
+    directories. Each repo has one commit, which "main" names too; any other revision is answered
+    like the hub answers a revision it lacks (404 RevisionNotFound). `downloads` records every file
+    GET and `revisions` every revision asked for, so tests can assert what was fetched at which commit.
     """
 
     def __init__(self):
         self.repos: dict[str, Path] = {}
+        self.commits: dict[str, str] = {}
         self.denied: dict[str, int] = {}  # repo id -> HTTP status of a gated answer (401 or 403)
         self.downloads: list[tuple[str, str]] = []
+        self.revisions: set[tuple[str, str]] = set()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def add_repo(self, repo_id: str, directory: Path, gated_status: int | None = None) -> None:
+    def add_repo(self, repo_id: str, directory: Path, gated_status: int | None = None,
+                 commit: str | None = None) -> None:
+        """Serve `directory` as `repo_id` at `commit` (default: a hash of the repo id)."""
         self.repos[repo_id] = Path(directory)
+        self.commits[repo_id] = commit or self.sha(repo_id)
         if gated_status:
             self.denied[repo_id] = gated_status
 
@@ -225,7 +232,11 @@ def _make_handler(hub: FakeHub):
             if repo_id in hub.denied:
                 return self._send(hub.denied[repo_id], b"", {"X-Error-Code": "GatedRepo",
                                                              "X-Error-Message": "Access to this model is restricted"})
-            root, sha = hub.repos[repo_id], hub.sha(repo_id)
+            root, sha = hub.repos[repo_id], hub.commits[repo_id]
+            if len(rest) > 1:
+                hub.revisions.add((repo_id, rest[1]))
+                if rest[1] not in ("main", sha):
+                    return self._send(404, b"", {"X-Error-Code": "RevisionNotFound"})
             files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
             if rest[:1] == ["revision"]:
                 info = {"id": repo_id, "sha": sha, "siblings": [{"rfilename": f} for f in files]}

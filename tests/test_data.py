@@ -182,7 +182,8 @@ def test_hub_parquet_copies_equal_local_reading(fake_hub, tmp_path, data_dir):
     assert calls == [
         ("openai/gsm8k", "main/test-00000-of-00001.parquet", "dataset", "cc7b047b6e5bb11b4f1af84efc572db110a51b3c"),
         ("ybisk/piqa", "plain_text/validation/0000.parquet", "dataset", "142c51238b3ca2bc61e9a075913871b8b600e8e1"),
-        ("Rowan/hellaswag", "default/validation/0000.parquet", "dataset", "refs/convert/parquet")]
+        ("Rowan/hellaswag", "data/validation-00000-of-00001.parquet", "dataset",
+         "218ec52e09a7e7462a5400043bb9a69a41d06b76")]
 
 
 def test_hub_without_pyarrow_says_how_to_fix(fake_hub, monkeypatch):

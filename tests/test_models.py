@@ -57,6 +57,27 @@ def test_hub_repo_with_only_bin_weights(hub, llama_dir, hf_llama):
     assert max_logit_diff(hf_llama, model) < 1e-4
 
 
+PINNED = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_a_pinned_repo_is_fetched_at_its_commit(hub, llama_dir, hf_llama, monkeypatch):
+    monkeypatch.setitem(models.PINS, "org/pinned", models.Pin(PINNED, "a test"))
+    hub.add_repo("org/pinned", llama_dir, commit=PINNED)
+    model = models.load_model("org/pinned")
+    assert models.download("org/pinned").name == PINNED  # the cache's snapshots/<commit>
+    assert {rev for repo, rev in hub.revisions if repo == "org/pinned"} == {PINNED}  # never main
+    assert hub.fetched("org/pinned") == NEEDED and max_logit_diff(hf_llama, model) < 1e-4
+
+
+def test_a_pin_the_hub_lacks_is_one_error_naming_repo_and_commit(hub, llama_dir, monkeypatch):
+    monkeypatch.setitem(models.PINS, "org/moved", models.Pin(PINNED, "a test"))
+    hub.add_repo("org/moved", llama_dir)  # its only commit is another one
+    with pytest.raises(ValueError, match=f"hub repo 'org/moved' has no commit {PINNED} "
+                                         r"\(its pin in models.PINS\): download the repo yourself"):
+        models.load_model("org/moved")
+    assert hub.downloads == []
+
+
 @pytest.mark.parametrize("status", [401, 403])
 def test_gated_registry_model_says_how_to_log_in(hub, llama_dir, status):
     hub.add_repo(models.REGISTRY["llama2"], llama_dir, gated_status=status)

@@ -1,10 +1,11 @@
 """The paper's model updates by name (pairs.py), train.py --list-pairs, the refusal of the
-updates into Llama 3, and the pinned hub commits of the registry."""
+updates into Llama 3, and the pinned hub commits of the registry and the data sets."""
 import re
 from pathlib import Path
 
 import pytest
 
+import data
 import models
 import pairs
 import train
@@ -60,10 +61,21 @@ def test_updates_into_llama3_are_refused_before_anything(old, new, tmp_path, cap
     assert not out.exists()
 
 
-def test_registry_entries_are_pinned_to_hub_commits(monkeypatch, tmp_path):
-    assert all(re.fullmatch("[0-9a-f]{40}", rev) for rev in models.REVISIONS.values())
-    assert set(models.REVISIONS) <= set(models.REGISTRY.values())
-    assert models.unpinned() == ["smollm-135m"]  # no public record of a commit found yet
+def test_registry_entries_and_data_sets_are_pinned_to_hub_commits():
+    assert set(models.PINS) == set(models.REGISTRY.values())
+    commits = [pin.commit for pin in models.PINS.values()] + [c.revision for c in data.HUB.values()]
+    assert all(re.fullmatch("[0-9a-f]{40}", commit) for commit in commits)
+    assert all(pin.source for pin in models.PINS.values()) and all(c.source for c in data.HUB.values())
+    assert models.unpinned() == []
+    assert pairs.pins_table() in (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(pairs.pins_table().splitlines()) == 2 + len(models.PINS) + len(data.HUB)
+
+
+def test_an_entry_without_a_commit_says_so_and_follows_main(monkeypatch, tmp_path):
+    monkeypatch.setitem(models.PINS, "HuggingFaceTB/SmolLM-135M", models.Pin(None, "no public record"))
+    assert models.unpinned() == ["smollm-135m"]
+    assert "| `HuggingFaceTB/SmolLM-135M` (unpinned: no public record) |" in pairs.table()
+    assert "| `HuggingFaceTB/SmolLM-135M` | model | unpinned | no public record |" in pairs.pins_table()
     calls = []
 
     def snapshot_download(repo_id, revision=None, **kwargs):
