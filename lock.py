@@ -4,7 +4,10 @@ Two train.py processes on one --out would write each other's checkpoints and log
 creates dir/.lock holding the pid, host and start time of the process, atomically (a complete
 file is hard-linked into place, which fails if one exists), and removes it on exit. A second
 process is refused with the holder's name. A lock whose process is gone (SIGKILL, power loss:
-same host, no such pid) is stale and taken over, with a note.
+same host, no such pid) is stale and taken over, with a note. A pid alone can name a later
+process (pids are reused, and a reboot starts them over), so on Linux the lock also keeps the
+boot id and the process's start time (/proc/<pid>/stat, field 22): a live pid with another one
+is another process, and the lock is stale too.
 """
 from __future__ import annotations
 
@@ -20,8 +23,22 @@ from typing import Iterator
 NAME = ".lock"
 
 
+def process_start(pid: int) -> str | None:
+    """"<boot id>:<start time in clock ticks since boot>" of process `pid`, which no later process
+    with the same pid shares; None where /proc does not tell (not Linux, no such process)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="utf-8").strip()
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    # Field 2, the command name in parentheses, may hold spaces: count the fields after it.
+    fields = stat.rsplit(")", 1)[-1].split()
+    return f"{boot}:{fields[19]}" if len(fields) > 19 else None
+
+
 def _alive(holder: dict) -> bool:
-    """Whether the lock's process may still run: always, when it runs on another host."""
+    """Whether the lock's process may still run: always, when it runs on another host; on this
+    host, while its pid runs and (where both are known) started when the holder did."""
     if holder.get("host") != socket.gethostname():
         return True
     try:
@@ -29,8 +46,9 @@ def _alive(holder: dict) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # a process of another user
-        return True
-    return True
+        pass
+    started, now = holder.get("started"), process_start(int(holder["pid"]))
+    return started is None or now is None or started == now
 
 
 def _holder(path: Path) -> dict | None:
@@ -45,7 +63,8 @@ def _holder(path: Path) -> dict | None:
 def _acquire(directory: Path, flag: str) -> Path:
     path = directory / NAME
     me = {"pid": os.getpid(), "host": socket.gethostname(),
-          "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)[:300]}
+          "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "started": process_start(os.getpid()),
+          "command": " ".join(sys.argv)[:300]}
     tmp = directory / f"{NAME}.{os.getpid()}"
     tmp.write_text(json.dumps(me) + "\n", encoding="utf-8")
     try:

@@ -24,10 +24,10 @@ def dead_pid() -> int:
     return child.pid
 
 
-def write_lock(directory, pid: int) -> None:
+def write_lock(directory, pid: int, **more) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / lock.NAME).write_text(json.dumps({"pid": pid, "host": socket.gethostname(),
-                                                   "since": "2026-01-01 00:00:00 UTC"}))
+                                                   "since": "2026-01-01 00:00:00 UTC", **more}))
 
 
 def test_a_held_lock_refuses_a_second_holder_and_names_it(tmp_path):
@@ -53,6 +53,30 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
     assert f"note: taking over the lock {tmp_path / lock.NAME} of pid {pid}, which no longer runs" in \
         capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.txt"]
+
+
+@pytest.mark.skipif(lock.process_start(os.getpid()) is None, reason="no /proc/<pid>/stat here")
+def test_a_lock_whose_pid_now_names_a_later_process_is_stale(tmp_path, capsys):
+    """A reboot or a reused pid: the pid runs, but not the process that took the lock."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = lock.process_start(holder.pid)
+        assert started is not None and started != lock.process_start(os.getpid())
+        write_lock(tmp_path, holder.pid, started=started)  # the holder itself: refused
+        with pytest.raises(ValueError, match=f"is in use by pid {holder.pid} on "):
+            with lock.hold(tmp_path):
+                pass
+        boot, ticks = started.rsplit(":", 1)
+        for other in (f"{boot}:{int(ticks) - 1}", f"another-boot-id:{ticks}"):
+            write_lock(tmp_path, holder.pid, started=other)
+            with lock.hold(tmp_path) as path:
+                assert json.loads(path.read_text())["started"] == lock.process_start(os.getpid())
+            assert f"note: taking over the lock {tmp_path / lock.NAME} of pid {holder.pid}, which no " \
+                   f"longer runs" in capsys.readouterr().err
+            assert holder.poll() is None  # the process that has the pid now was left alone
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_train_on_an_out_in_use_is_refused_then_runs_once_the_holder_is_gone(tiny_models, data_dir, tmp_path,
