@@ -15,7 +15,6 @@ calls `save` writes: under torchrun, rank 0 (the caller gathers sharded tensors 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -46,12 +45,13 @@ def save(root: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) ->
         for name in (TENSORS, STATE):
             files.fsync_file(tmp / name)
         os.replace(tmp, final)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
+    except Exception as e:  # noqa: BLE001 (safetensors reports a failed write as its own error)
+        error = files.os_error(e)
+        if error is None:
             raise
         kept = f"the previous checkpoint {older[0][1]} is intact" if older else "there was no earlier checkpoint"
-        raise OSError(e.errno, f"No space left on device while writing a checkpoint in {root}; {kept}: "
-                               f"free some space and rerun the same command to resume") from e
+        raise OSError(error.errno, f"{error.strerror} while writing a checkpoint in {root}; {kept}: "
+                                   f"{files.fix_for(error.errno)} and rerun the same command to resume") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for _, old in older[1:]:  # the newest before this one stays, in case this one is damaged

@@ -617,7 +617,8 @@ def run(args: argparse.Namespace) -> None:
         path = write_predictions(records, args.out)
     except OSError as e:
         raise OSError(e.errno, f"cannot write --out {args.out} ({e.strerror or e}); an earlier file "
-                               f"there is intact: free some space or pass another --out, then rerun") from e
+                               f"there is intact: {files.fix_for(e.errno)} or pass another --out, then "
+                               f"rerun") from e
     print(json.dumps({"task": spec.name, **summarize(spec.name, records)}))
     print(f"wrote {len(records)} predictions to {path}", file=sys.stderr)
 

@@ -4,7 +4,8 @@
 renames it over the target (os.replace, atomic on POSIX and Windows) and syncs the directory, so
 a reader, a crash, SIGKILL or a full disk leaves the old content or the new one, never a fragment,
 and a failed write leaves no temporary file behind. `append_line` adds one record to a log and
-on failure cuts the file back to where it was, so a log never ends in half a record.
+on failure cuts the file back to where it was, so a log never ends in half a record. Either
+failing raises `WriteFailed`, which names the file, the cause and the fix; the file is unchanged.
 `check_writable` tells before hours of scoring or training that an output path cannot be written.
 `read_json` reads a JSON file and names the file, line and column of what is wrong with it.
 
@@ -12,11 +13,48 @@ No torch here: metrics.py (torch-free) writes its reports through it too.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+
+FIXES = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (disk quota)",
+         errno.EACCES: "make its directory writable", errno.EPERM: "make its directory writable",
+         errno.EROFS: "write to a file system that is not read-only"}
+
+
+class WriteFailed(OSError):
+    """Writing `path` failed (a full disk, a quota, a read-only place) and left the file as it
+    was: the message names the file, the cause and the fix."""
+
+    def __init__(self, path: Path, error: OSError):
+        self.reason = error.strerror or str(error)
+        super().__init__(error.errno, self.reason, str(path))
+        self.path, self.fix = path, fix_for(error.errno)
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path} ({self.reason}); the file is unchanged: {self.fix}, then rerun"
+
+
+def fix_for(code: int | None) -> str:
+    """What to do about a failed write with this errno."""
+    return FIXES.get(code, "check the disk")
+
+
+def os_error(error: BaseException) -> OSError | None:
+    """`error` as an OSError, or None when it is none: safetensors reports a failed write as its
+    own error ("I/O error: No space left on device (os error 28)"), which holds the errno."""
+    if isinstance(error, OSError):
+        return error
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
 
 
 def fsync_file(path: Path) -> None:
@@ -42,15 +80,21 @@ def _fsync_dir(path: Path) -> None:
 def replace_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Replace `path` by what `write(tmp)` writes into a temporary file of the same directory.
 
-    Parent folders are created. Readers see the old or the new file, never a mix."""
+    Parent folders are created. Readers see the old or the new file, never a mix; a write that
+    fails for the file system's sake (`os_error`) is a `WriteFailed` naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error type for an OSError)
+        error = os_error(e)
+        if error is None or isinstance(e, WriteFailed):
+            raise
+        raise WriteFailed(path, error) from e
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -63,16 +107,19 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def append_line(path: str | os.PathLike, line: str) -> None:
     """Append one line (a newline is added) and flush it to disk; on failure (a full disk) the
-    file is cut back to its previous end, so it never ends in a partial line."""
-    with open(path, "a", encoding="utf-8") as f:
-        end = f.tell()
-        try:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        except OSError:
-            f.truncate(end)
-            raise
+    file is cut back to its previous end, so it never ends in a partial line (`WriteFailed`)."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            end = f.tell()
+            try:
+                f.write(line + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError:
+                f.truncate(end)
+                raise
+    except OSError as e:
+        raise WriteFailed(Path(path), e) from e
 
 
 def check_writable(path: str | os.PathLike, flag: str, is_dir: bool = False) -> Path:

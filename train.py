@@ -744,6 +744,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(args, distributed.setup(args.device))
         return 0
+    except files.WriteFailed as e:  # every write is atomic: what was there stays whole
+        return cli.fail(f"cannot write {e.path} ({e.reason}); finished stages, checkpoints and "
+                        f"predictions are kept: {e.fix}, then rerun the same command to resume")
     except evaluation.USER_ERRORS as e:  # a wrong input: the message says what to fix
         return cli.fail(e)
     except KeyboardInterrupt:  # outside the training loop, which checkpoints first (Interrupted)

@@ -23,8 +23,11 @@ def test_a_failed_replacement_keeps_the_old_file_and_no_temporary(tmp_path):
     def writes_half(tmp: Path):
         tmp.write_text("ne")
         full_disk()
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(files.WriteFailed) as info:
         files.replace_atomic(path, writes_half)
+    assert str(info.value) == (f"cannot write {path} (No space left on device); the file is unchanged: free "
+                               f"some space, then rerun")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
     assert path.read_text() == "old\n" and os.listdir(path.parent) == ["out.jsonl"]
     files.write_text_atomic(path, "new\n")
     assert path.read_text() == "new\n" and os.listdir(path.parent) == ["out.jsonl"]
@@ -34,9 +37,53 @@ def test_a_failed_append_leaves_the_log_as_it_was(tmp_path, monkeypatch):
     log = tmp_path / "log.jsonl"
     files.append_line(log, json.dumps({"step": 1}))
     monkeypatch.setattr(files.os, "fsync", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(files.WriteFailed, match=f"^cannot write {log} \\(No space left on device\\); the "
+                                                f"file is unchanged: free some space, then rerun$"):
         files.append_line(log, json.dumps({"step": 2, "text": "x" * 10_000}))
     assert log.read_text() == '{"step": 1}\n'
+
+
+def safetensors_full_disk(*args, **kwargs):
+    """What safetensors raises when the disk fills up under save_file (seen on a full tmpfs)."""
+    from safetensors import SafetensorError
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def no_permission(*args, **kwargs):
+    raise PermissionError(errno.EACCES, "Permission denied")
+
+
+FULL = "No space left on device); the file is unchanged: free some space, then rerun"
+
+
+@pytest.mark.parametrize("write, patches, message", [
+    (lambda path: files.write_text_atomic(path, "new\n"), {(Path, "write_text"): full_disk}, FULL),
+    (lambda path: files.write_text_atomic(path, "new\n"), {(files.os, "fsync"): full_disk}, FULL),
+    (lambda path: files.write_text_atomic(path, "new\n"), {(files.os, "replace"): full_disk}, FULL),
+    (lambda path: files.replace_atomic(path, safetensors_full_disk), {}, FULL),
+    (lambda path: files.append_line(path, "new"), {(files.os, "fsync"): full_disk}, FULL),
+    (lambda path: files.write_text_atomic(path, "new\n"), {(Path, "write_text"): no_permission},
+     "Permission denied); the file is unchanged: make its directory writable, then rerun"),
+], ids=["write", "flush", "rename", "safetensors", "append", "permission"])
+def test_every_write_names_its_target_and_leaves_it_unchanged(tmp_path, monkeypatch, write, patches, message):
+    path = tmp_path / "out.txt"
+    path.write_text("old\n")
+    for (owner, name), error in patches.items():
+        monkeypatch.setattr(owner, name, error)
+    with pytest.raises(files.WriteFailed) as info:
+        write(path)
+    monkeypatch.undo()
+    assert str(info.value) == f"cannot write {path} ({message}"
+    assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_an_error_that_is_not_the_file_systems_is_not_taken_for_one(tmp_path):
+    def bug(tmp):
+        raise KeyError("a bug in the writer")
+    with pytest.raises(KeyError):
+        files.replace_atomic(tmp_path / "out.txt", bug)
+    assert os.listdir(tmp_path) == []
+    assert files.os_error(ValueError("no errno here")) is None
 
 
 def test_check_writable_names_the_flag_and_the_fix(tmp_path):

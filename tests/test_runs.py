@@ -1,15 +1,18 @@
 """A run directory's safety: one process per --out (lock.py), a damaged checkpoint passed over
 for the one before it, stage 4 resumed with flags that do not change training."""
+import errno
 import json
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import checkpoint
+import files
 import lock
 import train
 import trainer
@@ -177,6 +180,45 @@ def test_stage_4_resumes_with_another_limit_eval_and_reuses_only_matching_predic
     assert "stage 4: done" in capsys.readouterr().out
     assert train.main(flags) == 0 and scored == [("m1", 8), ("m2", 8), ("mc", 8)]  # other items: redone
     assert json.loads((stage4 / "report.json").read_text())["n"] == 8
+
+
+def test_a_full_disk_while_stage_4_writes_names_the_file_and_keeps_finished_work(
+        tiny_models, data_dir, tmp_path, monkeypatch, capsys):
+    """The disk fills up at each file stage 4 writes, in turn (the disk is full when the file is
+    flushed): one error: line names the file, the adapters and the finished predictions stay,
+    nothing temporary is left, and the last rerun ends the stage without scoring M1 or M2 again."""
+    out = tmp_path / "run"
+    flags = tiny_flags(*tiny_models, data_dir, out, "--max-steps", "2")
+    stage4 = out / train.STAGES[4]
+    real_fsync, real_predict, scored, full = files.fsync_file, train.predict, [], {"name": None}
+
+    def fsync(path):
+        if full["name"] and Path(path).name.startswith(f".{full['name']}.tmp-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(path)
+
+    def counting_predict(base, adapter, items, path, args, env):
+        scored.append(path.stem)
+        return real_predict(base, adapter, items, path, args, env)
+    monkeypatch.setattr(files, "fsync_file", fsync)
+    monkeypatch.setattr(train, "predict", counting_predict)
+    kept = {}
+    for name in ["mc.jsonl", train.INPUTS, "report.json", "regressions.jsonl", "report.md", train.DONE]:
+        full["name"] = name
+        assert train.main(flags) == 2
+        assert_one_line_error(capsys.readouterr().err, f"error: cannot write {stage4 / name} (No space left on "
+                              f"device); finished stages, checkpoints and predictions are kept: free some "
+                              f"space, then rerun the same command to resume")
+        assert not (stage4 / train.DONE).exists() and not [p for p in stage4.iterdir() if ".tmp-" in p.name]
+        finished = {p: p.read_bytes() for s in (1, 2, 3) for p in (out / train.STAGES[s]).rglob("*") if p.is_file()}
+        finished.update({stage4 / f"{r}.jsonl": (stage4 / f"{r}.jsonl").read_bytes() for r in ("m1", "m2")})
+        assert kept.items() <= finished.items()  # nothing finished before was changed or lost
+        kept = finished
+    # Mc again after its own file and after inputs.json (its digest unrecorded): never M1 or M2.
+    assert scored == ["m1", "m2", "mc", "mc", "mc"]
+    full["name"] = None
+    assert train.main(flags) == 0 and len(scored) == 5
+    assert json.loads((stage4 / "report.json").read_text())["n"] == 8 and (stage4 / train.DONE).is_file()
 
 
 def test_eval_warns_about_an_adapter_of_an_unfinished_stage(tiny_models, data_dir, tmp_path, capsys):

@@ -4,6 +4,7 @@ import signal
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import checkpoint
 import trainer
@@ -57,14 +58,21 @@ def test_best_epoch_is_kept_not_the_last(tmp_path):
     assert (result.best_epoch, best, result.best_val_loss) == (0, [0], val_losses[0])
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   # what safetensors raises on a full disk (seen on a full tmpfs)
+                                   SafetensorError("Error while serializing: I/O error: No space left on "
+                                                   "device (os error 28)")], ids=["OSError", "SafetensorError"])
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch, error):
     checkpoint.save(tmp_path, {"w": torch.ones(3)}, {"step": 1})
 
     def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise error
     monkeypatch.setattr(checkpoint, "save_file", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError) as info:
         checkpoint.save(tmp_path, {"w": torch.zeros(3)}, {"step": 2})
+    assert str(info.value) == (f"[Errno 28] No space left on device while writing a checkpoint in {tmp_path}; "
+                               f"the previous checkpoint {tmp_path / 'ckpt-000000'} is intact: free some space "
+                               f"and rerun the same command to resume")
     tensors, state = checkpoint.load(tmp_path)
     assert state == {"step": 1} and tensors["w"].tolist() == [1, 1, 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000"]
