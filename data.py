@@ -420,6 +420,16 @@ def _encode(tokenizer, context: str, target: str, max_len: int,
     return ids[:keep] + ids[keep + cut:], labels[:keep] + labels[keep + cut:], True
 
 
+def answer_length(tokenizer, context: str, target: str) -> int:
+    """The fewest tokens that hold the whole answer of a training sequence: its leading BOS, the
+    target's tokens and EOS. `encode_pair` cuts the context first, so at a max_len below this
+    the answer loses its start, and the sequence keeps no question at all."""
+    ids = tokenizer.encode(context + target)
+    keep = 1 if tokenizer.bos_id is not None and ids[:1] == [tokenizer.bos_id] else 0
+    answer = len(ids) - min(len(tokenizer.encode(context)), len(ids))
+    return keep + answer + (tokenizer.eos_id is not None)
+
+
 def encode_pair(tokenizer, context: str, target: str, max_len: int,
                 mask_context: bool = False) -> Example:
     """(input_ids, labels) of context + target + EOS, at most max_len tokens.

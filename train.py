@@ -137,7 +137,7 @@ def task_data(args: argparse.Namespace, stage: int, env: Dist, cross: bool = Fal
     stage's own model: --old's tokenizer for stage 1, the student's (--new's) for stages 2 and
     3. Stage 3 also holds M1's own tokens of the same examples where they differ (align.py), or,
     across two vocabularies (`cross`), aligned by text (cross_vocab.teacher_tokens)."""
-    items = data.load_task(args.task, "train", args.data_dir)[:args.limit_train]
+    items = training_items(args)
     pairs = [[data.training_pair(args.task, it) for it in part]
              for part in data.split_train_val(items, seed=args.seed, frac=0.8)]
     tokenizer = models.load_tokenizer(args.old if stage == 1 else args.new)
@@ -157,6 +157,31 @@ def task_data(args: argparse.Namespace, stage: int, env: Dist, cross: bool = Fal
             old_examples = [data.encode_pairs(old_tokenizer, part, args.max_len)[0] for part in pairs]
             teacher = align.teacher_tokens(examples, old_examples, old_tokenizer.pad_id)
     return TaskData(examples[0], examples[1], tokenizer.pad_id, teacher)
+
+
+def training_items(args: argparse.Namespace) -> list:
+    """The task's training items stages 1-3 read (both parts of the 80/20 split)."""
+    return data.load_task(args.task, "train", args.data_dir)[:args.limit_train]
+
+
+def check_answers_fit(args: argparse.Namespace, items: Sequence, env: Dist) -> None:
+    """Before stage 1: a sequence longer than --max-len is cut on the left, so an answer longer
+    than --max-len less BOS and EOS loses its start and keeps no question. Under each base's
+    tokenizer, none kept whole is an error and some a warning, with the smallest --max-len
+    that keeps every answer whole."""
+    pairs = [data.training_pair(args.task, it) for it in items]
+    for flag, name in (("--old", args.old), ("--new", args.new)):
+        tokenizer = models.load_tokenizer(name)
+        needed = [data.answer_length(tokenizer, context, target) for context, target in pairs]
+        cut = sum(n > args.max_len for n in needed)
+        what = (f"--max-len {args.max_len} cuts the answer of {cut} of {len(pairs)} training items of "
+                f"task {args.task} in {flag} {name}'s tokens")
+        fix = f"pass --max-len {max(needed)} to keep every answer whole"
+        if cut == len(pairs):
+            raise ValueError(f"{what}, all of them: they would train on the end of an answer without "
+                             f"its question; {fix}")
+        if cut and env.main:
+            cli.say(f"warning: {what}: those lose the start of the answer and all of the question; {fix}")
 
 
 # ============================================================================ models
@@ -243,8 +268,9 @@ def eval_items(args: argparse.Namespace) -> tuple[data.Task, list]:
 
 
 def items_digest(items: Sequence) -> str:
-    """A fingerprint of evaluation items (ids and content): predictions computed on other items
-    (another --limit-eval, another --data-dir) are never taken for these."""
+    """A fingerprint of data items (ids and content): predictions computed on other evaluation
+    items (another --limit-eval, another --data-dir) are never taken for these, and a run's
+    training stages never resume on other training items."""
     rows = [dataclasses.asdict(it) for it in items]
     return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
@@ -537,24 +563,31 @@ def stage_eval(args: argparse.Namespace, env: Dist, out: Path) -> dict:
 # ============================================================================ run and CLI
 
 # Flags that do not change what the training stages compute; every other flag must match to
-# resume a run. Stage 4 keeps the digest of its items, so --limit-eval and --data-dir may change.
+# resume a run. Stage 4 keeps the digest of its items, so --limit-eval and --data-dir may change;
+# the training items are compared by their digest (TRAIN_ITEMS), so a copy of the same files in
+# another --data-dir resumes too. --data-dir is kept in run_config.json for the record.
 NOT_CONFIG = {"out", "overwrite", "stage", "device", "save_every", "log_every", "grad_checkpointing",
               "data_dir", "eval_batch_size", "chunk_size", "teacher_store", "limit_eval"}
 RUN_CONFIG = "run_config.json"
+TRAIN_ITEMS = "train_items"  # run_config.json: the digest of the items the training stages read
 # Flags that only stages 3 and 4 read: they may change in a run whose stage 3 has not started, so
 # a copy of a run's stages 1-2 (and its teacher store) serves runs of other masks.
 STAGE3_FLAGS = {"mask", "temperature", "ce_weight", "teachers", "top_k"}
 
 
-def check_run_config(out: Path, args: argparse.Namespace, env: Dist) -> None:
+def check_run_config(out: Path, args: argparse.Namespace, env: Dist, train_digest: str | None = None) -> None:
     """Refuse an --out that holds a different run (unless --overwrite, which deletes it);
     the same configuration resumes, and so does one that differs only in STAGE3_FLAGS while
-    stage 3 has not started."""
+    stage 3 has not started. `train_digest` (None when no training stage runs now) must match
+    the digest of the training items the run has trained on."""
     config = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_CONFIG}
     path = out / RUN_CONFIG
-    saved = files.read_json(path, fix=f"delete it to resume the run with the flags given now") \
+    record = files.read_json(path, fix=f"delete it to resume the run with the flags given now") \
         if path.is_file() else None
-    saved = None if saved is None else {k: v for k, v in saved.items() if k not in NOT_CONFIG}
+    saved = None if record is None else {k: v for k, v in record.items() if k not in NOT_CONFIG}
+    config[TRAIN_ITEMS] = train_digest or (saved or {}).get(TRAIN_ITEMS)
+    if saved is not None and TRAIN_ITEMS not in saved:  # a run_config.json older than the digest
+        saved[TRAIN_ITEMS] = config[TRAIN_ITEMS]
     if saved is None and out.is_dir() and any(p.name != lock.NAME for p in out.iterdir()):
         raise ValueError(f"--out {out} is not empty and holds no {RUN_CONFIG}, so it is not a run "
                          f"of train.py; choose another --out (nothing was deleted)")
@@ -562,7 +595,12 @@ def check_run_config(out: Path, args: argparse.Namespace, env: Dist) -> None:
     if not stage_dir(out, 3).exists():
         diff -= STAGE3_FLAGS
     if diff and not args.overwrite:
-        changes = "; ".join(f"{k}: {saved.get(k)!r} there, {config.get(k)!r} now" for k in sorted(diff))
+        changes = "; ".join(f"{k}: {saved.get(k)!r} there, {config.get(k)!r} now" for k in sorted(diff)
+                            if k != TRAIN_ITEMS)
+        if TRAIN_ITEMS in diff:
+            changes = "; ".join(filter(None, [changes, (
+                f"the training items differ from those it was trained on, read from --data-dir "
+                f"{record.get('data_dir')} there, {args.data_dir} now")]))
         raise ValueError(f"--out {out} holds a run with a different configuration ({changes}). "
                          f"Rerun with its flags to resume it, choose another --out, or pass "
                          f"--overwrite to delete it and start over")
@@ -572,7 +610,7 @@ def check_run_config(out: Path, args: argparse.Namespace, env: Dist) -> None:
             for entry in out.iterdir():
                 if entry.name != lock.NAME:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        files.write_text_atomic(path, json.dumps(config, indent=1) + "\n")
+        files.write_text_atomic(path, json.dumps({**config, "data_dir": args.data_dir}, indent=1) + "\n")
     distributed.barrier(env)
 
 
@@ -586,10 +624,14 @@ def run(args: argparse.Namespace, env: Dist) -> None:
     cross = vocabulary_changes(args)
     check_max_len(args)
     stages = [1, 2, 3, 4] if args.stage == "all" else [int(args.stage)]
+    training = [s for s in stages if s < 4 and not is_done(args, out, s)]
+    items = training_items(args) if training else None
+    if items:
+        check_answers_fit(args, items, env)
     if 4 in stages:
         check_eval_data(args)
     with hold_lock(out, env):
-        check_run_config(out, args, env)
+        check_run_config(out, args, env, items_digest(items) if items else None)
         run_stages(args, env, out, stages, cross)
 
 

@@ -69,6 +69,47 @@ def test_training_examples_longer_than_max_len_are_cut_and_counted(tiny_models, 
     assert len(examples) == 25 and sorted(len(ids) for ids, _ in examples) == sorted(min(n, 100) for n in lengths)
 
 
+def test_answer_length_is_the_shortest_max_len_that_keeps_the_whole_answer(tiny_models, data_dir):
+    tok = models.load_tokenizer(tiny_models[0])
+    for item in data.load_task("piqa", "train", data_dir)[:25]:
+        context, target = data.training_pair("piqa", item)
+        ids, _ = data.encode_pair(tok, context, target, 4096)
+        answer = ids[len(tok.encode(context)):]  # the target's tokens and EOS
+        n = data.answer_length(tok, context, target)
+        assert n == 1 + len(answer) and ids[0] == tok.bos_id
+        assert data.encode_pair(tok, context, target, n)[0] == [tok.bos_id] + answer  # all of it, no question
+        assert data.encode_pair(tok, context, target, n - 1)[0] == [tok.bos_id] + answer[1:]  # cut
+
+
+def test_a_max_len_that_cuts_answers_is_named_before_stage_1(tiny_models, data_dir, tmp_path, monkeypatch,
+                                                             capsys):
+    """Some answers cut: a warning with the count and the value that keeps them all, before any
+    training; every answer cut: an error, and nothing is started."""
+    tok = models.load_tokenizer(tiny_models[0])
+    items = data.load_task("piqa", "train", data_dir)[:25]
+    needed = sorted(data.answer_length(tok, *data.training_pair("piqa", it)) for it in items)
+    assert needed[0] < 48 < needed[-1]  # the flags of the tiny runs cut some answers
+    out = tmp_path / "run"
+    assert train.main(tiny_flags(*tiny_models, data_dir, out, "--max-len", str(needed[0] - 1))) == 2
+    assert_one_line_error(capsys.readouterr().err, f"error: --max-len {needed[0] - 1} cuts the answer of 25 of 25 "
+                          f"training items of task piqa in --old {tiny_models[0]}'s tokens, all of them: they "
+                          f"would train on the end of an answer without its question; pass --max-len "
+                          f"{needed[-1]} to keep every answer whole")
+    assert not out.exists()
+    cut = sum(n > 48 for n in needed)
+
+    def stage_1_reached(*args):
+        raise ValueError("stage 1 reached")
+    monkeypatch.setattr(train, "stage_task", stage_1_reached)
+    assert train.main(tiny_flags(*tiny_models, data_dir, out, "--stage", "1")) == 2
+    err = capsys.readouterr().err
+    for flag, name in (("--old", tiny_models[0]), ("--new", tiny_models[1])):
+        assert (f"warning: --max-len 48 cuts the answer of {cut} of 25 training items of task piqa in {flag} "
+                f"{name}'s tokens: those lose the start of the answer and all of the question; pass --max-len "
+                f"{needed[-1]} to keep every answer whole\n") in err
+    assert err.index("warning: --max-len") < err.index("error: stage 1 reached")  # before the training
+
+
 def test_max_len_beyond_the_models_context_is_refused_before_anything(tiny_models, data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(tiny_flags(*tiny_models, data_dir, out, "--max-len", "4096")) == 2

@@ -221,6 +221,39 @@ def test_a_full_disk_while_stage_4_writes_names_the_file_and_keeps_finished_work
     assert json.loads((stage4 / "report.json").read_text())["n"] == 8 and (stage4 / train.DONE).is_file()
 
 
+def test_training_data_that_changed_under_data_dir_is_refused_and_a_copy_resumes(
+        tiny_models, data_dir, tmp_path, capsys):
+    """--data-dir may move (the training items are compared by their digest), but stage 2 never
+    trains on other items than stage 1 did; the stages already trained are kept."""
+    import shutil
+    copies = {}
+    for name, edit in (("copy", False), ("edited", True)):
+        copies[name] = tmp_path / name / "piqa"
+        shutil.copytree(data_dir / "piqa", copies[name])
+        if edit:  # one word of the first training item's goal
+            lines = (copies[name] / "train.jsonl").read_text().splitlines(keepends=True)
+            record = json.loads(lines[0])
+            lines[0] = json.dumps({**record, "goal": record["goal"] + " now"}) + "\n"
+            (copies[name] / "train.jsonl").write_text("".join(lines))
+    out = tmp_path / "run"
+    flags = tiny_flags(*tiny_models, data_dir, out, "--max-steps", "1")
+    at = flags.index("--data-dir") + 1
+    assert train.main([*flags, "--stage", "1"]) == 0
+    adapter = (out / train.STAGES[1] / "adapter" / "adapter_model.safetensors").read_bytes()
+    edited = flags[:at] + [str(copies["edited"].parent)] + flags[at + 1:]
+    capsys.readouterr()
+    assert train.main([*edited, "--stage", "2"]) == 2
+    assert_one_line_error(capsys.readouterr().err, f"--out {out} holds a run with a different configuration (the "
+                          f"training items differ from those it was trained on, read from --data-dir {data_dir} "
+                          f"there, {copies['edited'].parent} now)")
+    assert not (out / train.STAGES[2]).exists()
+    moved = flags[:at] + [str(copies["copy"].parent)] + flags[at + 1:]
+    assert train.main([*moved, "--stage", "2"]) == 0  # the same items from another directory
+    assert (out / train.STAGES[2] / train.DONE).is_file()
+    assert json.loads((out / train.RUN_CONFIG).read_text())["data_dir"] == str(copies["copy"].parent)
+    assert (out / train.STAGES[1] / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+
+
 def test_eval_warns_about_an_adapter_of_an_unfinished_stage(tiny_models, data_dir, tmp_path, capsys):
     import eval as ev
     import lora
