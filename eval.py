@@ -584,14 +584,31 @@ def name_broken(error: NonFinite, model: str, adapter: str | None) -> str:
 STAGE_DONE = "DONE"
 
 
+def _progress(log: Path) -> tuple[int | None, int | None]:
+    """(the best epoch so far, the last step) an unfinished stage's log.jsonl records."""
+    records = []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a damaged line says nothing about where the stage is
+    steps = [r["step"] for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)]
+    best = [r.get("best_epoch") for r in records if isinstance(r, dict) and "val_loss" in r]
+    return (best[-1] if best else None), (max(steps) if steps else None)
+
+
 def warn_if_unfinished(adapter: str) -> None:
     """An adapter inside a train.py stage (its directory holds log.jsonl) whose stage has no DONE
-    is the best epoch so far of an interrupted stage, not the stage's result."""
+    is the best epoch so far of an interrupted stage, not the stage's result. It is evaluated
+    (following a long run's progress is a use of it), under a warning that names the stage
+    directory, the step its log ends at and the adapter's epoch."""
     stage = Path(adapter).resolve().parent
     if (stage / "log.jsonl").is_file() and not (stage / STAGE_DONE).is_file():
-        print(f"warning: adapter {adapter} is from an unfinished training stage ({stage} has no "
-              f"{STAGE_DONE}): it is the best epoch so far, not the stage's result; rerun train.py "
-              f"to finish the stage", file=sys.stderr)
+        epoch, step = _progress(stage / "log.jsonl")
+        cli.say(f"warning: adapter {adapter} is from an unfinished training stage ({stage} has no "
+                f"{STAGE_DONE}{f'; its log ends at step {step}' if step is not None else ''}): it is the "
+                f"best epoch so far{f' (epoch {epoch})' if epoch is not None else ''}, not the stage's "
+                f"result; rerun train.py to finish the stage")
 
 
 def run(args: argparse.Namespace) -> None:

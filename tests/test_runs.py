@@ -262,12 +262,21 @@ def test_eval_warns_about_an_adapter_of_an_unfinished_stage(tiny_models, data_di
     model = models.load_model(tiny_models[0])
     lora.add_adapter(model, "task", rank=2, alpha=4)
     lora.save_adapter(model, stage / "adapter", "task", base_model_name_or_path=tiny_models[0])
-    (stage / "log.jsonl").write_text('{"step": 1}\n')
+    log = [{"stage": "stage 1", "epoch": 0, "step": 1, "loss": 2.5}, {"epoch": 0, "step": 3, "val_loss": 2.0,
+           "best_epoch": 0}, {"epoch": 1, "step": 6, "val_loss": 1.5, "best_epoch": 1},
+           {"epoch": 2, "step": 7, "loss": 1.2}]
+    (stage / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log) + '{"epoch": 2, "st')  # cut
     argv = ["--model", tiny_models[0], "--adapter", str(stage / "adapter"), "--task", "piqa", "--data-dir",
             str(data_dir), "--limit", "2", "--out", str(tmp_path / "p.jsonl")]
     assert ev.main(argv) == 0
-    assert (f"warning: adapter {stage / 'adapter'} is from an unfinished training stage ({stage} has no DONE): "
-            f"it is the best epoch so far, not the stage's result; rerun train.py") in capsys.readouterr().err
+    assert (f"warning: adapter {stage / 'adapter'} is from an unfinished training stage ({stage} has no DONE; "
+            f"its log ends at step 7): it is the best epoch so far (epoch 1), not the stage's result; rerun "
+            f"train.py to finish the stage\n") in capsys.readouterr().err
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 2  # evaluated all the same
+    (stage / "log.jsonl").write_text("")  # a stage killed before its first log line
+    assert ev.main(argv) == 0
+    assert (f"({stage} has no DONE): it is the best epoch so far, not the stage's result; rerun train.py to "
+            f"finish the stage\n") in capsys.readouterr().err
     (stage / "DONE").write_text("{}\n")
     assert ev.main(argv) == 0 and "warning" not in capsys.readouterr().err
 
