@@ -48,19 +48,28 @@ def vocab_map(old: Tokenizer, new: Tokenizer) -> torch.Tensor:
     """[V_old] long tensor: for each old id, the new id that writes the same bytes, else -1.
 
     Several old ids may map to one new id (a byte piece and a normal piece for the same byte);
-    their probabilities then add up. Among new ids writing the same bytes the lowest is taken.
-    BOS and EOS map to their counterparts.
+    their probabilities then add up. Among new ids writing the same bytes, an ordinary piece is
+    taken before a byte-fallback piece ("▁" before "<0x20>": sentencepiece writes a byte piece
+    only for bytes no piece covers, so that is the id the new model reads and predicts), then
+    the lowest. BOS and EOS map to their counterparts.
     """
     new_ids: dict[bytes, int] = {}
-    for i, surface in enumerate(new.surfaces()):
-        if surface is not None:
-            new_ids.setdefault(surface, i)
+    pieces = new.vocabulary()
+    for fallback in (False, True):
+        for i, surface in enumerate(new.surfaces()):
+            if surface is not None and _is_byte_piece(pieces[i]) == fallback:
+                new_ids.setdefault(surface, i)
     mapping = torch.tensor([new_ids.get(s, -1) if s is not None else -1 for s in old.surfaces()],
                            dtype=torch.long)
     for a, b in ((old.bos_id, new.bos_id), (old.eos_id, new.eos_id)):
         if a is not None and b is not None and a < len(mapping):
             mapping[a] = b
     return mapping
+
+
+def _is_byte_piece(piece: str | None) -> bool:
+    """A byte-fallback piece of sentencepiece ("<0x0A>"), as tokenizer.Tokenizer.vocabulary spells it."""
+    return piece is not None and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
 
 
 class VocabMap(NamedTuple):
