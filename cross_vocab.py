@@ -24,6 +24,16 @@ through its own tokenizer:
   where M1 can name the token and to M2's shape where it cannot. The Universal Logit
   Distillation loss (Boizard et al. 2024) compares sorted probability vectors instead, which
   needs no mapping but also ignores which token carries which probability.
+- "prefix". To M1, a word the new vocabulary splits is one token, whose probability is that of
+  the text going on with that word, and so probability that the student's next token is the
+  word's first piece. "prefix" maps such a token to the new token writing the longest proper
+  prefix of its bytes (" black" -> " bl"), so that M1 teaches also where what it predicts is a
+  word the student spells in pieces; what still maps nowhere is filled as in "fill".
+- "uld", the Universal Logit Distillation loss (Boizard et al. 2024, "Towards Cross-Tokenizer
+  Distillation"): where the student follows M1 it matches M1's whole distribution without any
+  map, by the L1 distance between the two probability vectors sorted in decreasing order (the
+  shorter padded with zeros; the Wasserstein distance when every pair of tokens is equally far
+  apart). It keeps M1's confidence and ignores which token carries it.
 """
 from __future__ import annotations
 
@@ -36,7 +46,7 @@ import muscle
 from tokenizer import Tokenizer
 
 Span = tuple[int, int]
-CHOICES = ("fill", "renorm")  # how M1's unmapped mass is handled (module docstring)
+CHOICES = ("fill", "renorm", "prefix", "uld")  # how M1's distribution teaches (module docstring)
 # Masks that never read M1's logits (muscle.MASKS), for which the loss skips mapping them twice.
 MASKS_IGNORING_OLD = {"student_correct", "new_only", "none"}
 
@@ -44,14 +54,17 @@ MASKS_IGNORING_OLD = {"student_correct", "new_only", "none"}
 # ----------------------------------------------------------------------------------- vocabularies
 
 
-def vocab_map(old: Tokenizer, new: Tokenizer) -> torch.Tensor:
+def vocab_map(old: Tokenizer, new: Tokenizer, prefix: bool = False) -> torch.Tensor:
     """[V_old] long tensor: for each old id, the new id that writes the same bytes, else -1.
 
     Several old ids may map to one new id (a byte piece and a normal piece for the same byte);
     their probabilities then add up. Among new ids writing the same bytes, an ordinary piece is
     taken before a byte-fallback piece ("▁" before "<0x20>": sentencepiece writes a byte piece
     only for bytes no piece covers, so that is the id the new model reads and predicts), then
-    the lowest. BOS and EOS map to their counterparts.
+    the lowest. BOS and EOS map to their counterparts. With `prefix`, an old id that no new id
+    spells maps to the new id writing the longest proper prefix of its bytes (" black" -> " bl"):
+    the new tokenizer's first piece of that text, if it matches longest first as WordPiece does
+    and BPE mostly does.
     """
     new_ids: dict[bytes, int] = {}
     pieces = new.vocabulary()
@@ -59,8 +72,15 @@ def vocab_map(old: Tokenizer, new: Tokenizer) -> torch.Tensor:
         for i, surface in enumerate(new.surfaces()):
             if surface is not None and _is_byte_piece(pieces[i]) == fallback:
                 new_ids.setdefault(surface, i)
-    mapping = torch.tensor([new_ids.get(s, -1) if s is not None else -1 for s in old.surfaces()],
-                           dtype=torch.long)
+    def new_id(surface: bytes | None) -> int:
+        if surface is None:
+            return -1
+        if surface in new_ids or not prefix:
+            return new_ids.get(surface, -1)
+        return next((new_ids[surface[:n]] for n in range(len(surface) - 1, 0, -1)
+                     if surface[:n] in new_ids), -1)
+
+    mapping = torch.tensor([new_id(s) for s in old.surfaces()], dtype=torch.long)
     for a, b in ((old.bos_id, new.bos_id), (old.eos_id, new.eos_id)):
         if a is not None and b is not None and a < len(mapping):
             mapping[a] = b
@@ -79,12 +99,13 @@ class VocabMap(NamedTuple):
     new_only: torch.Tensor  # [V_new model] bool: spelled by the new tokenizer, reached by no old id
 
 
-def model_vocab_map(old: Tokenizer, new: Tokenizer, old_vocab: int, new_vocab: int) -> VocabMap:
-    """`vocab_map` padded to the old model's logits width (ids past the tokenizer map nowhere),
-    with the new-only ids among the new tokenizer's ordinary tokens (specials and padding ids of
-    the new model get no mass)."""
+def model_vocab_map(old: Tokenizer, new: Tokenizer, old_vocab: int, new_vocab: int,
+                    rule: str = "fill") -> VocabMap:
+    """`vocab_map` (by prefix for the rule "prefix") padded to the old model's logits width (ids
+    past the tokenizer map nowhere), with the new-only ids among the new tokenizer's ordinary
+    tokens (specials and padding ids of the new model get no mass)."""
     mapping = torch.full((old_vocab,), -1, dtype=torch.long)
-    ids = vocab_map(old, new)[:old_vocab]
+    ids = vocab_map(old, new, prefix=rule == "prefix")[:old_vocab]
     mapping[:len(ids)] = ids
     mapping[mapping >= new_vocab] = -1
     spelled = torch.zeros(new_vocab, dtype=torch.bool)
@@ -203,17 +224,28 @@ def teacher_from_old(mapped: torch.Tensor, new_probs: torch.Tensor, new_only: to
 
     `mapped` is `map_probs` of M1's probabilities, `new_probs` M2's at the same positions and
     `new_only` [V_new] marks the ids no old id maps to. "renorm": the mapped mass rescaled to 1;
-    "fill": the unmapped mass spread over the new-only ids in M2's proportions (module docstring).
+    "fill" (and "prefix", whose map leaves less unmapped): the unmapped mass spread over the
+    new-only ids in M2's proportions (module docstring). "uld" teaches without it
+    (`sorted_l1`); masks that read M1 see the "fill" teacher.
     Rows whose kept mass is 0 are not meaningful under "renorm" (the caller does not follow them).
     """
     kept = mapped.sum(-1, keepdim=True)
     if rule == "renorm":
         return mapped / kept.clamp_min(torch.finfo(mapped.dtype).tiny)
-    if rule != "fill":
+    if rule not in ("fill", "prefix", "uld"):
         raise ValueError(f"unknown cross-vocabulary rule {rule!r}; choose one of {CHOICES}")
     rest = new_probs * new_only
     rest = rest / rest.sum(-1, keepdim=True).clamp_min(torch.finfo(rest.dtype).tiny)
     return mapped + (1 - kept).clamp_min(0) * rest
+
+
+def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Per row, the L1 distance between two probability vectors sorted in decreasing order, the
+    shorter vocabulary padded with zeros (the Universal Logit Distillation distance, Boizard et
+    al. 2024): [n, V_p], [n, V_q] -> [n]. Gradients flow into both through the sort."""
+    width = max(p.shape[-1], q.shape[-1])
+    p, q = (torch.nn.functional.pad(x, (0, width - x.shape[-1])) for x in (p, q))
+    return (p.sort(dim=-1, descending=True).values - q.sort(dim=-1, descending=True).values).abs().sum(-1)
 
 
 # ----------------------------------------------------------------------------------- the loss
@@ -260,8 +292,16 @@ def muscle_loss_cross(h_student: torch.Tensor, h_old: torch.Tensor, h_new: torch
             wants_old = muscle.get_mask(mask)(student, old_logits, new, y) & real
             follow = wants_old & usable
             teacher = torch.where(follow.unsqueeze(-1), old_teacher, p_new)
+            if rule == "uld":  # no KL where the student follows M1: its own distribution
+                teacher = torch.where(follow.unsqueeze(-1),
+                                      torch.softmax(student / temperature, dim=-1), p_new)
         per_token = muscle.distill_per_token(student, teacher, y, temperature, ce_weight,
                                              log_target=False)
+        if rule == "uld" and follow.any():  # ... and T^2 * the sorted-L1 distance instead
+            p_old = torch.softmax(z_old[follow[ok]] / temperature, dim=-1)
+            uld = sorted_l1(torch.softmax(student[follow] / temperature, dim=-1), p_old)
+            per_token = per_token.index_put((follow.nonzero().squeeze(-1),),
+                                            per_token[follow] + temperature**2 * uld)
         return muscle.LossSum(per_token[real].sum(), int(real.sum()), int(follow.sum()),
                               int((ok & real).sum()), mass, int((wants_old & ~usable).sum()))
 

@@ -479,7 +479,8 @@ def stage_compat(args: argparse.Namespace, env: Dist, out: Path, td: TaskData,
         return train_adapter(args, env, out, 3, student, "compat", compat_loss(student, old, args),
                              td, args.new)
     vmap = cross_vocab.model_vocab_map(models.load_tokenizer(args.old), models.load_tokenizer(args.new),
-                                       old.lm_head.out_features, student.lm_head.out_features)
+                                       old.lm_head.out_features, student.lm_head.out_features,
+                                       args.cross_vocab)
     coverage = cross_vocab.Coverage()
     summary = train_adapter(args, env, out, 3, student, "compat",
                             coverage.counting(compat_loss(student, old, args, vmap)), td, args.new)
@@ -749,7 +750,9 @@ def build_parser() -> argparse.ArgumentParser:
     g("--ce-weight", type=cli.NON_NEGATIVE_FLOAT, default=0.0, help="weight of the auxiliary CE term (the paper's CE+)")
     g("--cross-vocab", default="off", choices=["off", *cross_vocab.CHOICES],
       help="when the old and new bases have two vocabularies: fill (M1's unmapped mass spread over "
-           "the new-only tokens in M2's proportions) or renorm (dropped, the rest rescaled); off "
+           "the new-only tokens in M2's proportions), renorm (dropped, the rest rescaled), prefix "
+           "(an old token the new vocabulary splits maps to its first piece, the rest as fill) or uld "
+           "(sorted-probability L1 to M1's own distribution, no map); off "
            "refuses such pairs. One vocabulary ignores it and takes the paper's exact loss")
     g = p.add_argument_group("runs and resources").add_argument
     g("--limit-train", type=cli.number(int, 2, hint="; the 80/20 split needs 2 items or more, or leave the flag out"), default=None, help="use only the first N training items")

@@ -242,6 +242,22 @@ def test_vocab_map_matches_surfaces_and_bytes_one_to_one(sp, bpe):
     assert len(unmapped) < 0.01 * sp.vocab_size  # (" John", "ses", ...)
 
 
+def test_prefix_maps_what_no_token_spells_to_the_longest_prefix(sp, bpe):
+    """--cross-vocab prefix: an sp piece that no bpe token spells (" John") maps to the bpe token
+    writing the longest proper prefix of its bytes; every other id maps as without it."""
+    exact, prefix = cross_vocab.vocab_map(sp, bpe), cross_vocab.vocab_map(sp, bpe, prefix=True)
+    sp_s, bpe_s = sp.surfaces(), bpe.surfaces()
+    unmapped = [i for i in range(1, sp.vocab_size) if exact[i] < 0]
+    assert unmapped and (prefix[exact >= 0] == exact[exact >= 0]).all() and prefix[0] == -1
+    spelled = {s for s in bpe_s if s is not None}
+    for i in unmapped:
+        target = bpe_s[prefix[i]]
+        assert sp_s[i].startswith(target) and len(target) < len(sp_s[i])
+        assert not any(sp_s[i][:n] in spelled for n in range(len(target) + 1, len(sp_s[i])))
+    john = sp.backend.token_id("\u2581John")
+    assert exact[john] == -1 and bpe_s[prefix[john]] in (b" Jo", b" Joh", b" J")
+
+
 def test_model_vocab_map_pads_and_marks_new_only_ids(sp, bpe):
     vmap = cross_vocab.model_vocab_map(sp, bpe, old_vocab=sp.vocab_size + 4,
                                        new_vocab=bpe.vocab_size + 6)
@@ -285,11 +301,14 @@ def _heads_and_states(seed, batch=2, length=6, hidden=5, vocab=7):
     return heads, hs, labels
 
 
+MAPPING_RULES = [r for r in cross_vocab.CHOICES if r != "uld"]
+
+
 @pytest.mark.parametrize("mask", ["student_correct", "new_only", "token_likelihood"])
-@pytest.mark.parametrize("rule", cross_vocab.CHOICES)
+@pytest.mark.parametrize("rule", MAPPING_RULES)
 def test_one_vocabulary_seen_as_two_gives_the_paper_loss(mask, rule):
     """Identity map, identity alignment: the cross loss equals muscle_loss_chunked, value and
-    gradient, for both rules (nothing is unmapped)."""
+    gradient, for every rule that maps M1's distribution (nothing is unmapped)."""
     heads, (hs, ho, hn), labels = _heads_and_states(0)
     vmap = cross_vocab.VocabMap(torch.arange(7), torch.zeros(7, dtype=torch.bool))
     everywhere = torch.ones(2, 6, dtype=torch.bool)
@@ -319,26 +338,63 @@ def test_unaligned_positions_follow_the_new_model_and_are_counted():
     assert wrong > 0
 
 
-def test_two_vocabularies_chunked_equals_one_chunk():
-    """Different widths (old 9, new 7), partial map and alignment: chunk size changes nothing."""
-    heads, (hs, _, hn), labels = _heads_and_states(2)
-    g = torch.Generator().manual_seed(3)
+def _two_vocabularies(seed):
+    """_heads_and_states with M1 of 9 ids (its own head and hidden states), 6 of them mapped onto
+    the student's 7, two of those reached by no old id."""
+    heads, (hs, _, hn), labels = _heads_and_states(seed)
+    g = torch.Generator().manual_seed(seed + 1)
     old_head = torch.nn.Linear(5, 9, dtype=torch.float64)
     ho = torch.randn(2, 6, 5, generator=g, dtype=torch.float64)
     vmap = cross_vocab.VocabMap(torch.tensor([0, 1, 2, -1, 3, 3, -1, 5, -1]),
                                 torch.tensor([False, False, False, False, True, False, True]))
+    return (heads[0], old_head, heads[2]), (hs, ho, hn), labels, vmap
+
+
+@pytest.mark.parametrize("rule", cross_vocab.CHOICES)
+def test_two_vocabularies_chunked_equals_one_chunk(rule):
+    """Different widths (old 9, new 7), partial map and alignment: chunk size changes nothing."""
+    heads, (hs, ho, hn), labels, vmap = _two_vocabularies(2)
     aligned = torch.tensor([[1, 1, 0, 1, 1, 1], [1, 0, 1, 1, 1, 0]], dtype=torch.bool)
     grads, losses = [], []
     for chunk in (3, 1000):
         student = hs.clone().requires_grad_()
-        out = cross_vocab.muscle_loss_cross(student, ho, hn, (heads[0], old_head, heads[2]), labels,
-                                            aligned, vmap, chunk_size=chunk)
+        out = cross_vocab.muscle_loss_cross(student, ho, hn, heads, labels, aligned, vmap, rule,
+                                            chunk_size=chunk)
         out.loss.backward()
         grads.append(student.grad)
         losses.append(out)
     assert losses[0].loss.item() == pytest.approx(losses[1].loss.item(), rel=1e-12)
     assert torch.allclose(*grads) and losses[0][1:] == pytest.approx(losses[1][1:])
     assert 0 < losses[0].mapped_mass < losses[0].aligned  # part of M1's mass is unmapped
+    assert losses[0].follow_old > 0
+
+
+def test_uld_distance_by_hand():
+    """Sorted: (.5, .3, .2, 0) against (.6, .3, .1, 0): |.5-.6| + 0 + |.2-.1| + 0 = 0.2; a
+    permutation of the same probabilities is at distance 0."""
+    p = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3]], dtype=torch.float64)
+    q = torch.tensor([[0.1, 0.6, 0.3, 0.0], [0.3, 0.0, 0.2, 0.5]], dtype=torch.float64)
+    assert cross_vocab.sorted_l1(p, q).tolist() == pytest.approx([0.2, 0.0], abs=1e-15)
+
+
+def test_uld_replaces_the_kl_where_the_student_follows_m1():
+    """--cross-vocab uld: T^2 * sorted-L1 to M1's own distribution (9 ids, no map) where the
+    student is wrong, T^2 * KL to M2 where it is right, CE on every token; computed by hand."""
+    heads, (hs, ho, hn), labels, vmap = _two_vocabularies(4)
+    everywhere = torch.ones(2, 6, dtype=torch.bool)
+    t, ce_weight = 2.0, 0.3
+    out = cross_vocab.muscle_loss_cross(hs, ho, hn, heads, labels, everywhere, vmap, "uld",
+                                        temperature=t, ce_weight=ce_weight)
+    z_s, z_o, z_n = heads[0](hs)[:, :-1], heads[1](ho)[:, :-1], heads[2](hn)[:, :-1]
+    y = labels[:, 1:]
+    real, wrong = y != muscle.IGNORE_INDEX, z_s.argmax(-1) != y
+    p_s = torch.softmax(z_s / t, -1)
+    kl = (torch.softmax(z_n / t, -1) * (torch.log_softmax(z_n / t, -1) - p_s.log())).sum(-1)
+    uld = cross_vocab.sorted_l1(p_s.flatten(0, 1), torch.softmax(z_o / t, -1).flatten(0, 1)).view_as(kl)
+    ce = torch.nn.functional.cross_entropy(z_s.transpose(1, 2), y.clamp(min=0), reduction="none")
+    expected = (t**2 * torch.where(wrong, uld, kl) + ce_weight * ce)[real].sum()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-9)
+    assert out.follow_old == int((wrong & real).sum()) > 0
 
 
 def test_sequence_masks_are_refused():

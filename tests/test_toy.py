@@ -281,6 +281,22 @@ def test_cross_vocab_end_to_end_on_micro_models(micro_env, cross_vocab_run, tmp_
     assert report["n"] == 30
 
 
+@pytest.mark.parametrize("rule", ["prefix", "uld"])
+def test_cross_vocab_rules_end_to_end_on_micro_models(micro_env, cache, cross_vocab_run, tmp_path,
+                                                       rule):
+    """The other rules train the same pair: prefix maps every split name to its first piece, so
+    all of M1's mass maps but that on <unk> and <pad> (fill: the names v3 splits are lost too);
+    uld maps as fill."""
+    out, _ = _train_once(cache, tmp_path / rule, "--new", "toy-v3", "--cross-vocab", rule)
+    shares = json.loads((out / "stage3_compat" / "DONE").read_text())["cross_vocab"]
+    fill = json.loads((cross_vocab_run[0] / "stage3_compat" / "DONE").read_text())["cross_vocab"]
+    assert shares["aligned"] == fill["aligned"]
+    if rule == "prefix":
+        assert fill["mapped_mass"] < shares["mapped_mass"] and 0.95 < shares["mapped_mass"] <= 1
+    report = json.loads((out / "stage4_eval" / "report.json").read_text())
+    assert report["n"] == 30 and 0 <= report["models"]["compat"]["accuracy"] <= 1
+
+
 def test_summary_of_two_toy_updates(toy_run, cross_vocab_run, tmp_path):
     """`eval.py summary` over two finished runs: one row per update, the numbers of each run's report."""
     import summary

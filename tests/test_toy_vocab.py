@@ -3,6 +3,7 @@ one, and what cross_vocab.py makes of the pair (the update toy-v1 -> toy-v3)."""
 import json
 
 import pytest
+import torch
 
 import cross_vocab
 import tokenizer
@@ -72,3 +73,31 @@ def test_toy_vocab_map_shares_the_words_not_the_names(pair):
                if v3.backend.token_id(n) is None)
     new_only = {v3.backend.tok.id_to_token(i) for i in vmap.new_only.nonzero().squeeze(-1).tolist()}
     assert new_only == {p for n in names for p in toy_vocab.pieces(n)} - set(toy.vocabulary(creatures))
+
+
+def test_prefix_maps_a_split_name_to_its_first_syllable(pair):
+    """--cross-vocab prefix: a name v3 splits ("zabuk", one v1 token) maps to its first piece
+    ("za"), shared by the names that start with it; their probabilities add up there, and M1's
+    teacher sums to 1 with nothing left to fill."""
+    creatures, v1, v3 = pair
+    vmap = cross_vocab.model_vocab_map(v1, v3, v1.vocab_size, v3.vocab_size, "prefix")
+    exact = cross_vocab.model_vocab_map(v1, v3, v1.vocab_size, v3.vocab_size)
+    split = [c.name for c in creatures if v3.backend.token_id(c.name) is None]
+    assert split and all(vmap.old_to_new[v1.backend.token_id(n)] == v3.backend.token_id(n[:2])
+                         for n in split)
+    changed = (vmap.old_to_new != exact.old_to_new).nonzero().squeeze(-1).tolist()
+    assert sorted(changed) == sorted(v1.backend.token_id(n) for n in split)
+    new_only = {v3.backend.tok.id_to_token(i) for i in vmap.new_only.nonzero().squeeze(-1).tolist()}
+    assert new_only == {toy_vocab.pieces(n)[1] for n in split}
+    first, *_ = split
+    same_start = [n for n in split if n[:2] == first[:2]]
+    p_old = torch.zeros(1, v1.vocab_size)
+    p_old[0, v1.backend.token_id("seeds")] = 0.5
+    for n in same_start:
+        p_old[0, v1.backend.token_id(n)] = 0.5 / len(same_start)
+    mapped = cross_vocab.map_probs(p_old, vmap.old_to_new, v3.vocab_size)
+    assert mapped[0, v3.backend.token_id(first[:2])] == pytest.approx(0.5)
+    assert mapped[0, v3.backend.token_id("seeds")] == 0.5
+    teacher = cross_vocab.teacher_from_old(mapped, torch.full((1, v3.vocab_size), 1 / v3.vocab_size),
+                                           vmap.new_only, "prefix")
+    assert torch.equal(teacher, mapped)
