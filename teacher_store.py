@@ -26,7 +26,7 @@ hashes before any is used, so a truncated, missing or foreign shard never become
 
 A shard holds the fields of its examples' real label positions in order (ids and argmax int32,
 the rest float32, as computed in fp32 from the teacher's logits) with `keys` (the examples' keys,
-train.Batches') and `offsets` (where each example's positions start). Each is written to a temp
+stage_data.Batches') and `offsets` (where each example's positions start). Each is written to a temp
 file, fsynced and renamed, and built from the same examples in the same batches whatever came
 before: a build killed at any point resumes with the shards it lacks and ends with the bytes of an
 uninterrupted build. Under torchrun rank r builds shards r, r + W, ... with a whole copy of one
@@ -145,7 +145,7 @@ def check_description(path: Path, saved: dict, now: dict) -> None:
 class Shard(NamedTuple):
     name: str  # "train-00000.safetensors"
     index: int  # position in the list of all shards (rank index % world builds it)
-    keys: list[int]  # example keys (train.Batches)
+    keys: list[int]  # example keys (stage_data.Batches)
     examples: list[data.Example]
     old_rows: list[align.Row] | None  # M1's own tokens of the examples, where they differ
 
@@ -328,7 +328,7 @@ class TeacherStore:
         self.index = index
 
     def batch_fields(self, batch: dict) -> tuple[muscle.TeacherFields, muscle.TeacherFields]:
-        """(M1, M2) fields of a batch (train.Batches: input ids, labels, example keys), at the
+        """(M1, M2) fields of a batch (stage_data.Batches: input ids, labels, example keys), at the
         aligned positions [B, T - 1] on the batch's device; zero where there is no label."""
         labels = batch["labels"][:, 1:].cpu()
         real = labels != muscle.IGNORE_INDEX

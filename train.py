@@ -17,14 +17,16 @@ resumed from its checkpoint when it was interrupted:
      (report.py), printed and written to --out/stage4_eval.
 
 Tokens: each stage reads its own model's tokens, and stage 3 lines up M1's positions with the
-student's where the two tokenizers give other ids (align.py; TOKENS_HELP below).
+student's where the two tokenizers give other ids (align.py; train_cli.TOKENS_HELP).
 
 Dropout: the models being trained run in train mode, so the checkpoint's own dropout applies as
 in Hugging Face training (Phi-2's resid_pdrop = 0.1; Llama has none) besides --dropout on the
 LoRA input; teachers and validation run in eval mode, without any.
 
-The training loop `fit` lives in trainer.py (toy.py reuses it for full-parameter pre-training),
-the torch.distributed helpers in distributed.py, atomic checkpoints in checkpoint.py.
+Each stage's loss on one batch lives in losses.py (stage 3's step: `losses.compat_step_loss`),
+its data in stage_data.py, the flags and the checks of the pair of bases in train_cli.py. The
+training loop `fit` lives in trainer.py (toy.py reuses it for full-parameter pre-training), the
+torch.distributed helpers in distributed.py, atomic checkpoints in checkpoint.py.
 """
 from __future__ import annotations
 
@@ -36,14 +38,12 @@ import hashlib
 import json
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-import align
 import cli
 import cross_vocab
 import data
@@ -52,140 +52,19 @@ import eval as evaluation
 import files
 import lock
 import lora
+import losses
 import models
-import muscle
 import pairs
 import predictions
 import report
+import stage_data
 import teacher_store
 import toy  # noqa: F401  (registers the toy tasks and the toy bases)
+import train_cli
 from distributed import Dist
 from trainer import Diverged, FitConfig, Interrupted, LossFn, fit
 
-# ============================================================================ data
-
-
-class Batches(Sequence):
-    """This rank's micro-batches: global micro-batches of `batch_size` sequences, rows dealt out
-    round-robin over ranks (rank r takes rows r, r + W, ...), collated on access. The same
-    flags give the same global batches, and the same numbers, on any number of processes.
-
-    `groups` hold indices into `examples`; each batch's "index" is its rows' example keys
-    (key_offset + index; -1 for a filler row), which the teacher store is keyed by. With
-    `teacher` rows (M1's own tokens of the same examples, align.py), a batch also holds
-    M1's inputs and the alignment (align.collate)."""
-
-    def __init__(self, examples: list[data.Example], groups: list[list[int]], pad_id: int, env: Dist,
-                 key_offset: int = 0, teacher: list[align.Row] | None = None, teacher_pad_id: int = 0):
-        self.examples, self.groups, self.pad_id, self.env = examples, groups, pad_id, env
-        self.key_offset, self.teacher, self.teacher_pad_id = key_offset, teacher, teacher_pad_id
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        rows = self.groups[i][self.env.rank::self.env.world]
-        examples = [self.examples[j] for j in rows]
-        keys = [self.key_offset + j for j in rows]
-        teacher = [self.teacher[j] for j in rows] if self.teacher is not None else None
-        if not rows:
-            # A rank left without a row (a short last batch) runs one padding token without a
-            # label: FSDP's collectives need every rank in every forward, and it adds 0 tokens.
-            examples, keys = [([self.pad_id], [muscle.IGNORE_INDEX])], [-1]
-            teacher = [([self.teacher_pad_id], [align.NO_POSITION])] if teacher is not None else None
-        batch = {**data.collate(examples, self.pad_id), "index": torch.tensor(keys)}
-        if teacher is not None:
-            batch.update(align.collate(teacher, self.teacher_pad_id, batch["input_ids"].shape[1]))
-        return {k: v.to(self.env.device) for k, v in batch.items()}
-
-
-@dataclass
-class TaskData:
-    train: list[data.Example]
-    val: list[data.Example]
-    pad_id: int
-    teacher: align.TeacherTokens | None = None  # stage 3: M1's tokens where they differ
-
-    def _batches(self, part: str, groups: list[list[int]], env: Dist, key_offset: int) -> Batches:
-        teacher = getattr(self.teacher, part) if self.teacher is not None else None
-        pad = self.teacher.pad_id if self.teacher is not None else 0
-        return Batches(getattr(self, part), groups, self.pad_id, env, key_offset, teacher, pad)
-
-    def train_batches(self, batch_size: int, seed: int, env: Dist) -> Callable[[int], Batches]:
-        """Epoch -> its micro-batches, shuffled with a seed derived from (seed, epoch)."""
-        # data.batches groups by the length of each element's first item (the input ids), so
-        # (input ids, index) pairs come back grouped exactly as the examples would.
-        keyed = [(ids, i) for i, (ids, _) in enumerate(self.train)]
-
-        def epoch_batches(epoch: int) -> Batches:
-            groups = data.batches(keyed, batch_size, seed=seed * 1000 + epoch)
-            return self._batches("train", [[i for _, i in g] for g in groups], env, 0)
-        return epoch_batches
-
-    def val_batches(self, batch_size: int, env: Dist) -> Batches:
-        """Validation examples in order; their keys follow the training examples' keys."""
-        order = list(range(len(self.val)))
-        groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-        return self._batches("val", groups, env, len(self.train))
-
-
-def task_data(args: argparse.Namespace, stage: int, env: Dist, cross: bool = False) -> TaskData:
-    """The paper's seeded 80/20 train/validation split of the task's training set, tokenised
-    (loss on context and answer, appendix A.1; long contexts truncated from the left) by the
-    stage's own model: --old's tokenizer for stage 1, the student's (--new's) for stages 2 and
-    3. Stage 3 also holds M1's own tokens of the same examples where they differ (align.py), or,
-    across two vocabularies (`cross`), aligned by text (cross_vocab.teacher_tokens)."""
-    items = training_items(args)
-    pairs = [[data.training_pair(args.task, it) for it in part]
-             for part in data.split_train_val(items, seed=args.seed, frac=0.8)]
-    tokenizer = models.load_tokenizer(args.old if stage == 1 else args.new)
-    encoded = [data.encode_pairs(tokenizer, part, args.max_len) for part in pairs]
-    truncated = encoded[0][1] + encoded[1][1]
-    if truncated and env.main:
-        print(f"note: {truncated} of {len(items)} training sequences were longer than --max-len "
-              f"{args.max_len} and lost the start of their context")
-    examples = [part for part, _ in encoded]
-    teacher = None
-    if stage == 3:
-        old_tokenizer = models.load_tokenizer(args.old)
-        if cross:
-            teacher = cross_vocab.teacher_tokens(tokenizer, old_tokenizer, pairs, examples,
-                                                 args.max_len)
-        else:
-            old_examples = [data.encode_pairs(old_tokenizer, part, args.max_len)[0] for part in pairs]
-            teacher = align.teacher_tokens(examples, old_examples, old_tokenizer.pad_id)
-    return TaskData(examples[0], examples[1], tokenizer.pad_id, teacher)
-
-
-def training_items(args: argparse.Namespace) -> list:
-    """The task's training items stages 1-3 read (both parts of the 80/20 split)."""
-    return data.load_task(args.task, "train", args.data_dir)[:args.limit_train]
-
-
-def check_answers_fit(args: argparse.Namespace, items: Sequence, env: Dist) -> None:
-    """Before stage 1: a sequence longer than --max-len is cut on the left, so an answer longer
-    than --max-len less BOS and EOS loses its start and keeps no question. Under each base's
-    tokenizer, none kept whole is an error and some a warning, with the smallest --max-len
-    that keeps every answer whole."""
-    pairs = [data.training_pair(args.task, it) for it in items]
-    for flag, name in (("--old", args.old), ("--new", args.new)):
-        tokenizer = models.load_tokenizer(name)
-        needed = [data.answer_length(tokenizer, context, target) for context, target in pairs]
-        cut = sum(n > args.max_len for n in needed)
-        what = (f"--max-len {args.max_len} cuts the answer of {cut} of {len(pairs)} training items of "
-                f"task {args.task} in {flag} {name}'s tokens")
-        fix = f"pass --max-len {max(needed)} to keep every answer whole"
-        if cut == len(pairs):
-            raise ValueError(f"{what}, all of them: they would train on the end of an answer without "
-                             f"its question; {fix}")
-        if cut and env.main:
-            cli.say(f"warning: {what}: those lose the start of the answer and all of the question; {fix}")
-
-
 # ============================================================================ models
-
 
 # How long the other ranks wait for local rank 0's downloads (a 13 GB checkpoint at 1 MB/s takes
 # under 4 hours), instead of the process group's timeout for a peer that died.
@@ -200,56 +79,6 @@ def fetch_models(args: argparse.Namespace, env: Dist) -> None:
         for name in (args.old, args.new):
             models.resolve(name, local_only)
     distributed.local_rank_0_first(resolve_both, env, DOWNLOAD_WAIT_S)
-
-
-class VocabularyMismatch(ValueError):
-    """--old and --new do not share one vocabulary."""
-
-
-def check_same_vocab(old: str, new: str) -> None:
-    """MUSCLE compares the two models' distributions token by token (paper eq. 1), so both must
-    share one vocabulary: the same piece under every id, special and added tokens included,
-    whichever file (tokenizer.json or tokenizer.model) each side ships, and embeddings of one
-    size. Updates into Llama 3 change it (paper section 8)."""
-    tokenizers = [models.load_tokenizer(n) for n in (old, new)]
-    sizes = [models.read_config(models.resolve(n)).get("vocab_size") for n in (old, new)]
-    vocabs = [t.vocabulary() for t in tokenizers]
-    differing = [f"id {i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(*vocabs)) if a != b][:3]
-    if not differing:  # one vocabulary is a prefix of the other: name what the longer one adds
-        n = min(map(len, vocabs))
-        extra = max(vocabs, key=len)[n:n + 3]
-        differing = [f"id {n + j}: {piece!r} in one only" for j, piece in enumerate(extra)]
-    if sizes[0] != sizes[1] or differing:
-        raise VocabularyMismatch(
-            f"--old {old} and --new {new} do not share a vocabulary (model vocab_size {sizes[0]} vs "
-            f"{sizes[1]}, tokenizer sizes {len(vocabs[0])} vs {len(vocabs[1])}; first differing "
-            f"pieces: {'; '.join(differing)}). MUSCLE distils logits token by token and needs "
-            f"one vocabulary for both")
-
-
-def vocabulary_changes(args: argparse.Namespace) -> bool:
-    """Whether the update changes the vocabulary, which stage 3 then bridges by text
-    (cross_vocab.py) if --cross-vocab allows it; one vocabulary takes the paper's exact path."""
-    try:
-        check_same_vocab(args.old, args.new)
-        return False
-    except VocabularyMismatch as e:
-        if args.cross_vocab == "off":
-            raise VocabularyMismatch(f"{e}; pass --cross-vocab fill to align the two tokenizations "
-                                     f"by text and map M1's distributions onto the new vocabulary"
-                                     ) from None
-        return True
-
-
-def check_max_len(args: argparse.Namespace) -> None:
-    """--max-len must fit both models' context: positions beyond max_position_embeddings were
-    never trained. Longer examples are cut to --max-len (data.encode_pairs), and counted."""
-    for flag, name in (("--old", args.old), ("--new", args.new)):
-        context = models.read_config(models.resolve(name)).get("max_position_embeddings")
-        if context and args.max_len > context:
-            raise ValueError(f"--max-len {args.max_len} is longer than the context of {flag} {name} "
-                             f"(max_position_embeddings {context}); pass --max-len {context} or less "
-                             f"(longer examples lose the start of their context)")
 
 
 def check_eval_data(args: argparse.Namespace) -> None:
@@ -297,87 +126,6 @@ def frozen_teacher(model: nn.Module, env: Dist) -> nn.Module:
     return distributed.shard(model.eval(), env)
 
 
-@contextlib.contextmanager
-def teacher_mode(model: nn.Module, adapter: str) -> Iterator[None]:
-    """The student's own base with the frozen task adapter, in eval mode and without gradients:
-    M2 as a teacher, sharing the weights of base v2 with the student."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), lora.use_adapter(model, adapter):
-            yield
-    finally:
-        model.train(was_training)
-
-
-# Positions per chunk of logits in the losses: [256, V] fp32 tensors, small next to the blocks'
-# activations, and fewer positions than most batches hold, so the logits are split
-# (bench/RESULTS.md compares the peak memory with 256 and 1024).
-CHUNK_SIZE = 256
-
-
-def ce_loss(model: nn.Module, chunk_size: int = CHUNK_SIZE) -> LossFn:
-    """Stages 1-2: next-token cross-entropy on every real token (context and answer), from the
-    final hidden states `chunk_size` positions at a time, so the batch's full-vocabulary fp32
-    logits never exist whole (muscle.causal_lm_loss_chunked)."""
-    return lambda b: muscle.causal_lm_loss_chunked(model.hidden_states(b["input_ids"], b["attention_mask"]),
-                                                   model.lm_head, b["labels"], chunk_size)
-
-
-def compat_step_loss(b: dict, student: nn.Module, old: nn.Module, args: argparse.Namespace,
-                     vmap: cross_vocab.VocabMap | None = None) -> muscle.LossSum:
-    """One compatibility step's loss, teachers online (the paper, Sec. 4.1, Eq. 1-2).
-
-    M1 = base v1 + A1 and M2 = base v2 + A2 run without gradients, then the student Mc = base
-    v2 + Ac. At every label token t the mask m_t (`--mask`; the paper's `student_correct`:
-    m_t = [argmax z_c[t] != y_t]) picks the teacher the student follows:
-        L = sum_t T^2 KL(softmax(z_teacher[t] / T) || softmax(z_c[t] / T))  [+ ce_weight * CE]
-    with teacher = M1 where m_t, else M2. The logits z, the mask and the KL are computed a chunk
-    of positions at a time from the final hidden states, in `muscle.muscle_loss_chunked`.
-    M1 reads its own token ids where its tokenizer splits the text differently (align.py), and a
-    student position without an M1 counterpart follows M2. With `vmap` (two vocabularies), M1's
-    distribution is first mapped onto the student's vocabulary (cross_vocab.py)."""
-    ids, mask = b["input_ids"], b["attention_mask"]
-    with torch.no_grad():
-        h_old = align.teacher_hidden_states(old, b)  # M1 at the student's positions: [B, T, H_1]
-    with teacher_mode(student, "task"):
-        h_new = student.hidden_states(ids, mask)  # M2: [B, T, H]
-    h = student.hidden_states(ids, mask)  # Mc, with gradients: [B, T, H]
-    heads = (student.lm_head, old.lm_head, student.lm_head)
-    if vmap is not None:
-        return cross_vocab.muscle_loss_cross(
-            h, h_old, h_new, heads, b["labels"], align.has_counterpart(b), vmap,
-            args.cross_vocab, args.mask, args.temperature, args.ce_weight, args.chunk_size)
-    return muscle.muscle_loss_chunked(h, h_old, h_new, heads, b["labels"], mask=args.mask,
-                                      temperature=args.temperature, ce_weight=args.ce_weight,
-                                      chunk_size=args.chunk_size, old_valid=align.has_counterpart(b))
-
-
-def stored_compat_step_loss(b: dict, student: nn.Module, store: teacher_store.TeacherStore,
-                            args: argparse.Namespace) -> muscle.LossSum:
-    """One compatibility step's loss with --teachers store: the same loss as `compat_step_loss`,
-    with the teachers' stored top-k distributions in place of their forwards (no teacher runs;
-    muscle.stored_muscle_loss_chunked)."""
-    old, new = store.batch_fields(b)
-    h = student.hidden_states(b["input_ids"], b["attention_mask"])  # Mc: [B, T, H]
-    return muscle.stored_muscle_loss_chunked(h, student.lm_head, old, new, b["labels"],
-                                             mask=args.mask, temperature=args.temperature,
-                                             ce_weight=args.ce_weight, chunk_size=args.chunk_size,
-                                             old_valid=align.has_counterpart(b))
-
-
-def compat_loss(student: nn.Module, old: nn.Module, args: argparse.Namespace,
-                vmap: cross_vocab.VocabMap | None = None) -> LossFn:
-    """Stage 3's loss function for `fit`, teachers online: `compat_step_loss` on each batch."""
-    return lambda b: compat_step_loss(b, student, old, args, vmap)
-
-
-def stored_compat_loss(student: nn.Module, store: teacher_store.TeacherStore,
-                       args: argparse.Namespace) -> LossFn:
-    """Stage 3's loss function for `fit`, teachers from the store: `stored_compat_step_loss`."""
-    return lambda b: stored_compat_step_loss(b, student, store, args)
-
-
 # ============================================================================ stages
 
 STAGES = {1: "stage1_task_old", 2: "stage2_task_new", 3: "stage3_compat", 4: "stage4_eval"}
@@ -412,7 +160,7 @@ def fit_config(args: argparse.Namespace) -> FitConfig:
 
 
 def train_adapter(args: argparse.Namespace, env: Dist, out: Path, stage: int, model: nn.Module,
-                  name: str, loss_fn: LossFn, td: TaskData, base: str) -> dict:
+                  name: str, loss_fn: LossFn, td: stage_data.TaskData, base: str) -> dict:
     """Fit adapter `name` of `model` (already prepared) and keep the best epoch's copy."""
     d = stage_dir(out, stage)
 
@@ -431,7 +179,7 @@ def load_base(name: str, args: argparse.Namespace, env: Dist) -> nn.Module:
     return models.load_model(name, dtype=model_dtype(args, env), device=env.device)
 
 
-def stage_task(args: argparse.Namespace, env: Dist, out: Path, stage: int, td: TaskData) -> dict:
+def stage_task(args: argparse.Namespace, env: Dist, out: Path, stage: int, td: stage_data.TaskData) -> dict:
     """Stages 1 and 2: a task adapter on base v1 (--old) or v2 (--new) with cross-entropy."""
     base = args.old if stage == 1 else args.new
     model = load_base(base, args, env)
@@ -439,7 +187,7 @@ def stage_task(args: argparse.Namespace, env: Dist, out: Path, stage: int, td: T
     lora.add_adapter(model, "task", rank=args.rank, alpha=args.alpha, dropout=args.dropout)
     lora.mark_trainable(model, "task")
     model = prepare(model, env, args.grad_checkpointing)
-    return train_adapter(args, env, out, stage, model, "task", ce_loss(model, args.chunk_size), td,
+    return train_adapter(args, env, out, stage, model, "task", losses.ce_loss(model, args.chunk_size), td,
                          base)
 
 
@@ -457,7 +205,7 @@ def compat_models(args: argparse.Namespace, env: Dist, out: Path) -> tuple[nn.Mo
     return prepare(student, env, args.grad_checkpointing), frozen_teacher(old, env)
 
 
-def stage_compat(args: argparse.Namespace, env: Dist, out: Path, td: TaskData,
+def stage_compat(args: argparse.Namespace, env: Dist, out: Path, td: stage_data.TaskData,
                  cross: bool = False) -> dict:
     """Stage 3: Ac on base v2, initialised as a copy of A2 (paper A.1), with the MUSCLE loss
     against teachers run online or read from the teacher store (built first if needed). From
@@ -473,17 +221,17 @@ def stage_compat(args: argparse.Namespace, env: Dist, out: Path, td: TaskData,
         lora.mark_trainable(student, "compat")
         student = prepare(student, env, args.grad_checkpointing)
         return train_adapter(args, env, out, 3, student, "compat",
-                             stored_compat_loss(student, store, args), td, args.new)
+                             losses.stored_compat_loss(student, store, args), td, args.new)
     student, old = compat_models(args, env, out)
     if not cross:
-        return train_adapter(args, env, out, 3, student, "compat", compat_loss(student, old, args),
+        return train_adapter(args, env, out, 3, student, "compat", losses.compat_loss(student, old, args),
                              td, args.new)
     vmap = cross_vocab.model_vocab_map(models.load_tokenizer(args.old), models.load_tokenizer(args.new),
                                        old.lm_head.out_features, student.lm_head.out_features,
                                        args.cross_vocab)
     coverage = cross_vocab.Coverage()
     summary = train_adapter(args, env, out, 3, student, "compat",
-                            coverage.counting(compat_loss(student, old, args, vmap)), td, args.new)
+                            coverage.counting(losses.compat_loss(student, old, args, vmap)), td, args.new)
     summary["cross_vocab"] = cross_vocab.Coverage.shares(distributed.all_reduce_sum(coverage.totals, env))
     if env.main:
         print(cross_vocab.Coverage.describe(summary["cross_vocab"]))
@@ -491,7 +239,7 @@ def stage_compat(args: argparse.Namespace, env: Dist, out: Path, td: TaskData,
 
 
 def open_teacher_store(args: argparse.Namespace, env: Dist, out: Path,
-                       td: TaskData) -> teacher_store.TeacherStore:
+                       td: stage_data.TaskData) -> teacher_store.TeacherStore:
     """This run's teacher store (--teacher-store, default --out/teacher_store), built first when
     it is not complete: M1, then M2, each loaded for its pass and freed after it."""
     bases = {"old": args.old, "new": args.new}
@@ -561,7 +309,7 @@ def stage_eval(args: argparse.Namespace, env: Dist, out: Path) -> dict:
     return {"n": result["n"], "items": digest}
 
 
-# ============================================================================ run and CLI
+# ============================================================================ run
 
 # Flags that do not change what the training stages compute; every other flag must match to
 # resume a run. Stage 4 keeps the digest of its items, so --limit-eval and --data-dir may change;
@@ -622,13 +370,13 @@ def run(args: argparse.Namespace, env: Dist) -> None:
         if refused:
             raise ValueError(refused)
     fetch_models(args, env)
-    cross = vocabulary_changes(args)
-    check_max_len(args)
+    cross = train_cli.vocabulary_changes(args)
+    train_cli.check_max_len(args)
     stages = [1, 2, 3, 4] if args.stage == "all" else [int(args.stage)]
     training = [s for s in stages if s < 4 and not is_done(args, out, s)]
-    items = training_items(args) if training else None
+    items = stage_data.training_items(args) if training else None
     if items:
-        check_answers_fit(args, items, env)
+        train_cli.check_answers_fit(args, items, env)
     if 4 in stages:
         check_eval_data(args)
     with hold_lock(out, env):
@@ -673,7 +421,7 @@ def run_stages(args: argparse.Namespace, env: Dist, out: Path, stages: list[int]
             if env.main:
                 print(f"stage {stage}: done ({stage_dir(out, stage)}), skipped")
             continue
-        td = task_data(args, stage, env, cross) if stage < 4 else None
+        td = stage_data.task_data(args, stage, env, cross) if stage < 4 else None
         summary = (stage_task(args, env, out, stage, td) if stage < 3 else
                    stage_compat(args, env, out, td, cross) if stage == 3 else
                    stage_eval(args, env, out))
@@ -683,109 +431,10 @@ def run_stages(args: argparse.Namespace, env: Dist, out: Path, stages: list[int]
             torch.cuda.empty_cache()
 
 
-# BOS, one answer token and EOS: a shorter sequence trains on no answer at all.
-MAX_LEN = cli.number(int, 3, hint=" (BOS, one answer token and EOS)")
-
-TOKENS_HELP = (
-    "Tokens: stage 1 reads --old's tokenizer, stages 2 and 3 --new's (the student's), stage 4 "
-    "scores each model with its own. Where --old's tokenizer gives other ids for a training "
-    "text (a BOS only one of them adds, another split), stage 3 feeds M1 its own ids and "
-    "compares each student position with the M1 position that predicts the same token "
-    "(longest matching blocks of the two id sequences); a student position without one (the "
-    "first token after a BOS that only --new adds) follows M2.")
-
-
-class ListPairs(argparse.Action):
-    """--list-pairs: print the paper's model updates (pairs.py) and exit, like --version."""
-
-    def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(pairs.table())
-        parser.exit()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Every hyper-parameter is a flag with the paper's default, shown by --help."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog="@FILE reads flags from FILE (e.g. configs/toy-mc.args; '#' starts "
-                                       "a comment); flags after it override the file's. " + TOKENS_HELP,
-                                fromfile_prefix_chars="@")
-    # A flags file holds several flags per line, with comments (argparse's default is one per line).
-    p.convert_arg_line_to_args = lambda line: line.split("#", 1)[0].split()
-    a = p.add_argument
-    a("--old", required=True, help="base v1: registry name, local checkpoint dir or hub id")
-    a("--new", required=True, help="base v2 (another vocabulary than --old needs --cross-vocab)")
-    a("--task", required=True, help=f"one of {data.task_names()}")
-    a("--data-dir", default=None, help="local copies of the task files; None: the pinned hub copies")
-    a("--out", default=None, help="run directory; None: runs/<old>-<new>-<task>")
-    a("--stage", default="all", choices=["1", "2", "3", "4", "all"],
-      help="1: task adapter on --old, 2: on --new, 3: compatibility adapter, 4: evaluation")
-    a("--overwrite", action="store_true", help="delete a different run in --out and start over")
-    a("--list-pairs", action=ListPairs,
-      help="print the paper's model updates (Table 8) and a 135M one by registry name, with hub "
-           "repos, commits and whether each trains as is, then exit")
-    g = p.add_argument_group("optimisation (paper appendix A.1)").add_argument
-    g("--epochs", type=cli.POSITIVE_INT, default=10, help="passes over the 80%% training split")
-    g("--lr", type=cli.POSITIVE_FLOAT, default=1e-4, help="AdamW peak learning rate")
-    g("--warmup-steps", type=cli.NON_NEGATIVE_INT, default=500, help="linear warm-up, then cosine decay to 0")
-    g("--weight-decay", type=cli.NON_NEGATIVE_FLOAT, default=0.0, help="AdamW weight decay")
-    g("--grad-accum", type=cli.POSITIVE_INT, default=8, help="micro-batches per optimizer step")
-    g("--batch-size", type=cli.POSITIVE_INT, default=8,
-      help="sequences per micro-batch over all processes (split between ranks), so one "
-           "optimizer step sees batch-size x grad-accum sequences on any number of GPUs")
-    g("--max-grad-norm", type=cli.NON_NEGATIVE_FLOAT, default=1.0, help="0 disables clipping (not in the paper)")
-    g("--seed", type=cli.NON_NEGATIVE_INT, default=0, help="split, shuffling, LoRA initialisation, dropout")
-    g("--max-len", type=MAX_LEN, default=512, help="tokens per sequence; longer contexts are cut on the left")
-    g = p.add_argument_group("LoRA and MUSCLE (paper sections 4.1, 5)").add_argument
-    g("--rank", type=cli.POSITIVE_INT, default=128, help="LoRA rank, on every linear layer of the blocks")
-    g("--alpha", type=cli.POSITIVE_FLOAT, default=256,
-      help="scaling alpha/rank = 2; the paper's printed 156 lost its label, 2 x rank is the usual choice")
-    g("--dropout", type=cli.number(float, 0, 1, high_open=True), default=0.0, help="LoRA dropout")
-    g("--mask", default="student_correct", choices=sorted(muscle.MASKS),
-      help="which teacher each token follows (muscle.MASKS; the paper's is student_correct)")
-    g("--temperature", type=cli.POSITIVE_FLOAT, default=2.0, help="KL temperature (the loss carries T^2)")
-    g("--ce-weight", type=cli.NON_NEGATIVE_FLOAT, default=0.0, help="weight of the auxiliary CE term (the paper's CE+)")
-    g("--cross-vocab", default="off", choices=["off", *cross_vocab.CHOICES],
-      help="when the old and new bases have two vocabularies: fill (M1's unmapped mass spread over "
-           "the new-only tokens in M2's proportions), renorm (dropped, the rest rescaled), prefix "
-           "(an old token the new vocabulary splits maps to its first piece, the rest as fill) or uld "
-           "(sorted-probability L1 to M1's own distribution, no map); off "
-           "refuses such pairs. One vocabulary ignores it and takes the paper's exact loss")
-    g = p.add_argument_group("runs and resources").add_argument
-    g("--limit-train", type=cli.number(int, 2, hint="; the 80/20 split needs 2 items or more, or leave the flag out"), default=None, help="use only the first N training items")
-    g("--limit-eval", type=cli.LIMIT, default=None, help="evaluate only the first N test items")
-    g("--max-steps", type=cli.number(int, 1, hint="; leave the flag out for no limit"), default=None, help="stop each training stage after N optimizer steps")
-    g("--save-every", type=cli.NON_NEGATIVE_INT, default=200, help="checkpoint every N steps (and each epoch); 0: epochs only")
-    g("--log-every", type=cli.POSITIVE_INT, default=10, help="optimizer steps between log.jsonl records")
-    g("--grad-checkpointing", action="store_true", help="recompute transformer blocks in backward")
-    g("--chunk-size", type=cli.POSITIVE_INT, default=CHUNK_SIZE,
-      help="positions per chunk of logits in the losses (cross-entropy and MUSCLE)")
-    g("--teachers", default="online", choices=["online", "store"],
-      help="stage 3's teachers M1, M2. online: both run on every batch (the exact loss). store: "
-           "one pass of each writes its top-k outputs to --teacher-store, then the student trains "
-           "with no teacher in memory (KL over the top-k tokens plus one tail bucket)")
-    g("--top-k", type=cli.POSITIVE_INT, default=128,
-      help="with --teachers store: tokens per position kept of each teacher's distribution")
-    g("--teacher-store", default=None,
-      help="with --teachers store: the store's directory, reused by any run of the same teachers, "
-           "data and tokenizer (e.g. runs that differ in --mask); None: --out/teacher_store")
-    g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-      help="base weights; auto: bf16 on GPU, fp32 on CPU (adapters always train in fp32)")
-    g("--eval-batch-size", type=cli.POSITIVE_INT, default=8, help="items per forward in stage 4")
-    g("--device", default="auto", choices=["auto", "cuda", "cpu"],
-      help="auto: CUDA when torch sees a GPU (NCCL under torchrun), else the CPU (gloo)")
-    return p
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = train_cli.parse_args(argv)
     try:
         run(args, distributed.setup(args.device))
         return 0

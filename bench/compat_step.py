@@ -1,12 +1,12 @@
 """Cost of a MUSCLE compatibility step relative to a task step on the same model, with the teachers
 online and from the teacher store, and what stage 3 holds in memory either way.
 
-Task step (stages 1-2): base v2 + task adapter, next-token CE (train.ce_loss), backward, AdamW.
+Task step (stages 1-2): base v2 + task adapter, next-token CE (losses.ce_loss), backward, AdamW.
 Online compatibility step (stage 3, --teachers online): the student v2 + compat adapter, the frozen
 M1 = v1 + its task adapter and M2 = the student's own base with the task adapter
-(lora.use_adapter), the masked KL (train.compat_step_loss -> muscle.muscle_loss_chunked), backward,
+(lora.use_adapter), the masked KL (losses.compat_step_loss -> muscle.muscle_loss_chunked), backward,
 AdamW. Stored compatibility step (--teachers store): the same student against the teachers'
-top-k read from a teacher store built for the batch (train.stored_compat_step_loss ->
+top-k read from a teacher store built for the batch (losses.stored_compat_step_loss ->
 muscle.stored_muscle_loss_chunked); no teacher runs. All use train.py's loss functions and
 defaults (rank, alpha, mask, temperature, chunk size, top-k), so this times the code the pipeline
 runs. Also timed: building the store for the batch (teacher_store.teacher_outputs of M1 and M2).
@@ -124,31 +124,32 @@ def store_for(batch: dict, old: torch.nn.Module, student: torch.nn.Module, defau
 def setup(args) -> tuple:
     common.setup()
     import lora
-    import train
+    import losses
+    import train_cli
 
-    defaults = train.parse_args(["--old", "v1", "--new", "v2", "--task", "piqa"])
+    defaults = train_cli.parse_args(["--old", "v1", "--new", "v2", "--task", "piqa"])
     cfg = CONFIGS[MODEL]
     v1 = common.save_random_hf_checkpoint(cfg, common.CACHE / f"compat-{MODEL}-v1", seed=1)
     v2 = common.save_random_hf_checkpoint(cfg, common.CACHE / f"train-{MODEL}", seed=0)
-    # "index": the rows' example keys (train.Batches), which the teacher store is keyed by.
+    # "index": the rows' example keys (stage_data.Batches), which the teacher store is keyed by.
     batch = {**random_batch(cfg["vocab_size"], args.batch, args.seq), "index": torch.arange(args.batch)}
-    return defaults, cfg, v1, v2, batch, lora, train
+    return defaults, cfg, v1, v2, batch, lora, losses
 
 
 def memory(args) -> None:
     """Peak RSS of stage 3's models and 2 steps: online (student + M1) or store (student only)."""
-    defaults, cfg, v1, v2, batch, lora, train = setup(args)
+    defaults, cfg, v1, v2, batch, lora, losses = setup(args)
     student = with_adapter(v2, defaults.rank, defaults.alpha)
     lora.copy_adapter(student, "task", "compat")
     old = with_adapter(v1, defaults.rank, defaults.alpha).eval().requires_grad_(False)
     if args.memory == "online":
-        run = step(student, "compat", train.compat_loss(student, old, defaults), batch)
+        run = step(student, "compat", losses.compat_loss(student, old, defaults), batch)
     else:  # stage 3 builds the store first, then frees M1 before the student trains
         with tempfile.TemporaryDirectory() as tmp:
             store = store_for(batch, old, student, defaults, Path(tmp))()
         del old
         gc.collect()
-        run = step(student, "compat", train.stored_compat_loss(student, store, defaults), batch)
+        run = step(student, "compat", losses.stored_compat_loss(student, store, defaults), batch)
     common.reset_peak()  # the steps with what is resident, not the loading
     for _ in range(2):
         run()
@@ -165,7 +166,7 @@ def main() -> None:
     args = p.parse_args()
     if args.memory:
         return memory(args)
-    defaults, cfg, v1, v2, batch, lora, train = setup(args)
+    defaults, cfg, v1, v2, batch, lora, losses = setup(args)
     old = with_adapter(v1, defaults.rank, defaults.alpha).eval().requires_grad_(False)
     student = with_adapter(v2, defaults.rank, defaults.alpha)
     lora.copy_adapter(student, "task", "compat")
@@ -174,11 +175,11 @@ def main() -> None:
         build = store_for(batch, old, student, defaults, Path(tmp))
         store = build()
         timings = common.interleave({
-            "task": step(student, "task", train.ce_loss(student), batch),
-            "online": step(student, "compat", train.compat_loss(student, old, defaults), batch),
-            "store": step(student, "compat", train.stored_compat_loss(student, store, defaults), batch),
+            "task": step(student, "task", losses.ce_loss(student), batch),
+            "online": step(student, "compat", losses.compat_loss(student, old, defaults), batch),
+            "store": step(student, "compat", losses.stored_compat_loss(student, store, defaults), batch),
             "build": build,
-            "cross": step(student, "compat", train.compat_loss(student, old_x, args_x, vmap), batch_x)},
+            "cross": step(student, "compat", losses.compat_loss(student, old_x, args_x, vmap), batch_x)},
             args.repeats)
     peaks = {side: common.measure_in_subprocess(Path(__file__), [
         "--batch", str(args.batch), "--seq", str(args.seq), "--memory", side])["peak_rss_mib"]
@@ -197,9 +198,9 @@ def main() -> None:
     body = (f"SmolLM-135M-shaped Llama ({', '.join(f'{k}={v}' for k, v in cfg.items() if k.endswith(('size', 'layers', 'heads')))}), "
             f"float32, LoRA rank {defaults.rank} alpha {defaults.alpha} on all block linears (train.py defaults), "
             f"mask {defaults.mask}, T={defaults.temperature}, ce_weight {defaults.ce_weight}, chunk {defaults.chunk_size}, "
-            f"top-k {defaults.top_k}; {tokens} tokens per step. Task step = train.ce_loss; online compat step = "
-            f"train.compat_loss (M1 forward + M2 forward without grad, student forward, chunked masked KL); "
-            f"stored compat step = train.stored_compat_loss (the teachers' top-k read from a teacher store, no "
+            f"top-k {defaults.top_k}; {tokens} tokens per step. Task step = losses.ce_loss; online compat step = "
+            f"losses.compat_loss (M1 forward + M2 forward without grad, student forward, chunked masked KL); "
+            f"stored compat step = losses.stored_compat_loss (the teachers' top-k read from a teacher store, no "
             f"teacher forward); cross-vocab = the online step with M1 of 32,000 ids on its own tokens, mapped onto the "
             f"student's vocabulary (`--cross-vocab fill`, 90% of positions aligned, 90% of old ids mapped); "
             f"all + backward + clip + AdamW. Store build = both teachers' passes over the "

@@ -41,6 +41,7 @@ import torch
 
 import distributed
 import lora
+import losses
 import models
 import train
 import trainer
@@ -113,7 +114,7 @@ def build_task(args: argparse.Namespace, env: distributed.Dist, dtype: torch.dty
         lora.add_adapter(model, "task", rank=args.rank, alpha=2 * args.rank)
         lora.mark_trainable(model, "task")
         model = train.prepare(model, env, args.grad_checkpointing)
-        return model, lora.adapter_parameters(model, "task"), train.ce_loss(model), cfg
+        return model, lora.adapter_parameters(model, "task"), losses.ce_loss(model), cfg
     import peft
     import transformers
 
@@ -160,7 +161,7 @@ def measure(args: argparse.Namespace, env: distributed.Dist, peak_tflops: float)
     dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
     if args.step == "compat":
         student, old, params, cfg = build(args, env, dtype)
-        loss_fn = train.compat_loss(student, old, argparse.Namespace(
+        loss_fn = losses.compat_loss(student, old, argparse.Namespace(
             mask="student_correct", temperature=2.0, ce_weight=0.0, chunk_size=args.chunk_size))
     else:
         student, params, loss_fn, cfg = build_task(args, env, dtype)

@@ -26,8 +26,10 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import models  # noqa: E402  (the repo root is on sys.path after common.setup)
-import train  # noqa: E402
+import stage_data
 import toy_results  # noqa: E402
+import train  # noqa: E402
+import train_cli
 from distributed import Dist  # noqa: E402
 
 
@@ -40,9 +42,9 @@ def one_epoch(seed: int, runs: Path, variant: str, extra: list[str]) -> dict[str
         shutil.rmtree(out, ignore_errors=True)
         for stage in (1, 2):
             shutil.copytree(train.stage_dir(shared, stage), train.stage_dir(out, stage))
-        args = train.parse_args([f"@{toy_results.ARGS_FILE}", "--seed", str(seed), "--out", str(out),
+        args = train_cli.parse_args([f"@{toy_results.ARGS_FILE}", "--seed", str(seed), "--out", str(out),
                                  "--epochs", "1", *extra])
-        td = train.task_data(args, models.load_tokenizer(args.new), Dist())
+        td = stage_data.task_data(args, models.load_tokenizer(args.new), Dist())
         train.stage_compat(args, Dist(), out, td)
     return load_file(adapter)
 

@@ -1,4 +1,4 @@
-"""LoRA training step, ours (models + lora + train.ce_loss) vs transformers + PEFT.
+"""LoRA training step, ours (models + lora + losses.ce_loss) vs transformers + PEFT.
 
 One step = forward, next-token cross-entropy, backward, gradient clipping, AdamW step, on a
 random batch, with LoRA on every linear layer of the blocks (paper appendix A.1) at the same rank
@@ -89,9 +89,9 @@ def copy_lora_a(ours: torch.nn.Module, ref: torch.nn.Module) -> None:
 
 def ours_loss(model: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
     """train.py's stage 1-2 loss (chunked cross-entropy from hidden states, its default chunk)."""
-    import train
+    import losses
 
-    ce = train.ce_loss(model)
+    ce = losses.ce_loss(model)
 
     def loss(b: dict) -> torch.Tensor:
         total = ce(b)
@@ -125,7 +125,7 @@ def memory_child(side: str, name: str, batch: dict) -> None:
     the first). One JSON line."""
     path = checkpoint(name)
     import peft, transformers  # noqa: E401,F401  (imports are not part of either side's footprint)
-    import lora, models, muscle, train  # noqa: E401,F401
+    import losses, lora, models, muscle  # noqa: E401,F401
     before = common.rss_mib()
     if side == "ours":
         model, params = build_ours(path)

@@ -11,9 +11,12 @@ import torch
 import align
 import data
 import lora
+import losses
 import models
 import muscle
+import stage_data
 import train
+import train_cli
 from distributed import Dist
 from tiny import CORPUS, make_checkpoint, tiny_flags
 
@@ -42,14 +45,14 @@ def bos_pair(tmp_path_factory):
 
 
 def stage_args(old, new, data_dir):
-    return train.parse_args(tiny_flags(old, new, data_dir, "unused", "--max-len", "2048"))
+    return train_cli.parse_args(tiny_flags(old, new, data_dir, "unused", "--max-len", "2048"))
 
 
 def test_each_stage_reads_its_own_models_tokens(bos_pair, data_dir):
     with_bos, without = bos_pair
     bos = models.load_tokenizer(with_bos).bos_id
     args = stage_args(with_bos, without, data_dir)
-    stage1, stage2, stage3 = (train.task_data(args, stage, Dist()) for stage in (1, 2, 3))
+    stage1, stage2, stage3 = (stage_data.task_data(args, stage, Dist()) for stage in (1, 2, 3))
     assert all(ids[0] == bos for ids, _ in stage1.train + stage1.val)  # --old's convention
     assert all(ids[0] != bos for ids, _ in stage2.train + stage2.val)  # --new's
     assert stage3.train == stage2.train and stage2.teacher is None
@@ -60,14 +63,14 @@ def test_each_stage_reads_its_own_models_tokens(bos_pair, data_dir):
 
 
 def test_help_says_which_tokens_each_stage_reads():
-    text = " ".join(train.build_parser().format_help().split())
+    text = " ".join(train_cli.build_parser().format_help().split())
     assert "Tokens: stage 1 reads --old's tokenizer, stages 2 and 3 --new's" in text
     assert "follows M2" in text
 
 
 def test_same_ids_keep_the_student_batch_for_both_teachers(bos_pair, data_dir):
     args = stage_args(bos_pair[0], bos_pair[0], data_dir)
-    td = train.task_data(args, 3, Dist())
+    td = stage_data.task_data(args, 3, Dist())
     assert td.teacher is None
     batch = td.train_batches(4, 0, Dist())(0)[0]
     assert set(batch) == {"input_ids", "attention_mask", "labels", "index"}
@@ -105,14 +108,14 @@ def test_stage3_loss_compares_the_positions_that_predict_the_same_token(bos_pair
     batch = data.collate([(r, r) for r in rows], new_tok.pad_id)
     batch.update(align.collate(teacher.train, old_tok.pad_id, batch["input_ids"].shape[1]))
     args = argparse.Namespace(mask=mask, temperature=2.0, ce_weight=0.3, chunk_size=5)
-    got = train.compat_loss(student, old, args)(batch)
+    got = losses.compat_loss(student, old, args)(batch)
 
     expected_loss, expected_tokens = 0.0, 0
     with torch.no_grad():
         for ids, old_ids in zip(rows, old_rows):
             x = torch.tensor([ids])
             z_student = student(x)
-            with train.teacher_mode(student, "task"):
+            with losses.teacher_mode(student, "task"):
                 z_new = student(x)
             z_old = old(torch.tensor([old_ids]))
             # M1's logits at the student's positions, built without align.py

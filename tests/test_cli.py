@@ -10,6 +10,7 @@ import cli
 import eval as ev
 import models
 import train
+import train_cli
 from conftest import DATA_DIR
 from test_reliability import assert_one_line_error
 from tiny import tiny_flags
@@ -83,7 +84,7 @@ def test_eval_flag_out_of_range_or_unavailable_device(flag, value, message, tmp_
 def test_number_accepts_the_range_bounds():
     assert cli.number(float, 0, 1, high_open=True)("0") == 0.0 and cli.POSITIVE_INT("1") == 1
     assert cli.device("cpu") == "cpu"
-    args = train.parse_args(["--old", "a", "--new", "b", "--task", "piqa", "--max-len", "3", "--save-every", "0",
+    args = train_cli.parse_args(["--old", "a", "--new", "b", "--task", "piqa", "--max-len", "3", "--save-every", "0",
                              "--warmup-steps", "0", "--max-grad-norm", "0", "--dropout", "0.5"])
     assert (args.max_len, args.save_every, args.dropout) == (3, 0, 0.5)
 

@@ -9,6 +9,7 @@ import data
 import models
 import pairs
 import train
+import train_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +36,7 @@ def test_the_list_holds_table_8_and_the_smollm_update():
 
 def test_list_pairs_prints_the_table_the_readme_shows(capsys):
     with pytest.raises(SystemExit) as done:
-        train.parse_args(["--list-pairs"])  # no --old/--new/--task needed
+        train_cli.parse_args(["--list-pairs"])  # no --old/--new/--task needed
     assert done.value.code == 0
     printed = capsys.readouterr().out
     rows = printed.strip().splitlines()[2:]

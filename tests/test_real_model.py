@@ -9,8 +9,11 @@ import torch
 import data
 import eval as evaluation
 import lora
+import losses
 import models
+import stage_data
 import train
+import train_cli
 from distributed import Dist
 
 transformers = pytest.importorskip("transformers")
@@ -82,12 +85,12 @@ def test_stage1_on_real_piqa_lowers_val_loss_and_keeps_accuracy(smollm2_dir, dat
     model's. A slice this small moves it by about one item of 100 either way (README)."""
     flags = ["--old", str(smollm2_dir), "--new", str(smollm2_dir), "--data-dir", str(data_dir),
              "--out", str(tmp_path / "run"), *STAGE1]
-    args = train.parse_args(flags)
+    args = train_cli.parse_args(flags)
     model, tok = models.load_model(smollm2_dir), models.load_tokenizer(smollm2_dir)
-    td = train.task_data(args, 1, Dist())
+    td = stage_data.task_data(args, 1, Dist())
     with torch.no_grad():
-        losses = [train.ce_loss(model)(b) for b in td.val_batches(args.batch_size, Dist())]
-    base_val_loss = sum(r.loss.item() for r in losses) / sum(r.tokens for r in losses)
+        sums = [losses.ce_loss(model)(b) for b in td.val_batches(args.batch_size, Dist())]
+    base_val_loss = sum(r.loss.item() for r in sums) / sum(r.tokens for r in sums)
     items = data.load_task("piqa", "validation", data_dir)[:HELD_OUT]
     base_acc = sum(r["correct"] for r in evaluation.evaluate(model, tok, "piqa", items)) / HELD_OUT
 

@@ -17,7 +17,9 @@ import files
 import lora
 import models
 import muscle
+import stage_data
 import train
+import train_cli
 from distributed import Dist
 from tiny import CORPUS, ROOT, read_log, tiny_flags
 
@@ -56,9 +58,9 @@ def assert_one_line_error(err: str, *fragments: str) -> None:
 
 
 def test_training_examples_longer_than_max_len_are_cut_and_counted(tiny_models, data_dir, capsys):
-    args = train.parse_args(tiny_flags(*tiny_models, data_dir, "unused", "--max-len", "100"))
+    args = train_cli.parse_args(tiny_flags(*tiny_models, data_dir, "unused", "--max-len", "100"))
     tok = models.load_tokenizer(tiny_models[1])
-    td = train.task_data(args, tok, Dist())
+    td = stage_data.task_data(args, tok, Dist())
     pairs = [data.training_pair("piqa", it) for it in data.load_task("piqa", "train", data_dir)[:25]]
     lengths = [len(tok.encode(c + t)) + 1 for c, t in pairs]  # + EOS
     too_long = sum(n > 100 for n in lengths)

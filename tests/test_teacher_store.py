@@ -53,7 +53,7 @@ def build(teachers, store, top_k=16, shard_examples=3):
 
 
 def batch_of(splits, pad_id, keys):
-    """A training batch as train.Batches makes it: rows by example key, then their keys."""
+    """A training batch as stage_data.Batches makes it: rows by example key, then their keys."""
     everything = [*splits["train"], *splits["validation"]]
     return {**data.collate([everything[k] for k in keys], pad_id), "index": torch.tensor(keys)}
 

@@ -16,8 +16,10 @@ from safetensors.torch import load_file
 import checkpoint
 import data
 import lora
+import losses
 import models
 import train
+import train_cli
 import trainer
 from distributed import Dist
 from tiny import CORPUS, ONE_THREAD, ROOT, make_checkpoint, read_log, tiny_flags
@@ -45,7 +47,7 @@ def test_unequal_micro_batches_give_the_gradient_of_one_batch(tiny_models, stage
     lora.mark_trainable(new, name)
     lora.set_adapter(new, name)
     args = argparse.Namespace(mask="student_correct", temperature=2.0, ce_weight=0.5, chunk_size=5)
-    loss_fn = train.compat_loss(new, old, args) if stage == "compat" else train.ce_loss(new)
+    loss_fn = losses.compat_loss(new, old, args) if stage == "compat" else losses.ce_loss(new)
     params = lora.adapter_parameters(new, name)
     short = [example(tok, t) for t in CORPUS[:2]]
     long = [example(tok, t + " and " + t) for t in CORPUS[2:5]]
@@ -76,7 +78,7 @@ def test_gradients_reach_only_the_compatibility_adapter(tiny_models):
     tok = models.load_tokenizer(tiny_models[0])
     batch = data.collate([example(tok, t) for t in CORPUS[:3]], tok.pad_id)
     args = argparse.Namespace(mask="student_correct", temperature=2.0, ce_weight=0.1, chunk_size=7)
-    train.compat_loss(new, old, args)(batch).loss.backward()
+    losses.compat_loss(new, old, args)(batch).loss.backward()
     compat = set(lora.adapter_parameters(new, "compat"))
     with_grad = {n for m in (old, new) for n, p in m.named_parameters() if p.grad is not None}
     assert with_grad == compat
@@ -98,8 +100,8 @@ def test_training_losses_pass_no_attention_mask_for_right_padded_batches(tiny_mo
     assert not batch["attention_mask"].bool().all()  # padded rows
     args = argparse.Namespace(mask="student_correct", temperature=2.0, ce_weight=0.1, chunk_size=7)
     sdpa = SDPACalls(monkeypatch)
-    train.ce_loss(new)(batch).loss.backward()
-    train.compat_loss(new, old, args)(batch).loss.backward()
+    losses.ce_loss(new)(batch).loss.backward()
+    losses.compat_loss(new, old, args)(batch).loss.backward()
     assert (sdpa.calls, sdpa.masked) == (4 * new.config.num_hidden_layers, 0)
 
 
@@ -117,7 +119,7 @@ def test_activation_checkpointing_keeps_names_and_gradients(tiny_models):
         names = sorted(lora.adapter_parameters(model, "task"))
         if checkpointing:
             distributed.enable_activation_checkpointing(model)
-        train.ce_loss(model.train())(batch).loss.backward()
+        losses.ce_loss(model.train())(batch).loss.backward()
         params = lora.adapter_parameters(model, "task")
         assert sorted(params) == names
         grads.append({n: p.grad for n, p in params.items()})
@@ -139,7 +141,7 @@ def test_different_vocabularies_are_refused_before_training(tiny_models, tmp_pat
     other = make_checkpoint(tmp_path / "other", seed=3, vocab_size=vocab_size, corpus=corpus)
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=expected + r".*; pass --cross-vocab fill to align"):
-        train.run(train.parse_args(tiny_flags(tiny_models[0], str(other), data_dir, out)), Dist())
+        train.run(train_cli.parse_args(tiny_flags(tiny_models[0], str(other), data_dir, out)), Dist())
     assert not out.exists()
 
 
@@ -157,7 +159,7 @@ def test_user_errors_exit_2_with_one_line(tiny_models, data_dir, tmp_path, capsy
 
 
 def test_help_shows_every_default():
-    parser = train.build_parser()
+    parser = train_cli.build_parser()
     options = [a for a in parser._actions if a.dest != "help"]
     assert all(a.help for a in options)  # ArgumentDefaultsHelpFormatter shows defaults only then
     text = " ".join(parser.format_help().split())
@@ -171,7 +173,7 @@ def test_help_shows_every_default():
 def test_flags_file_with_comments_then_overrides():
     """`train.py @configs/toy-mc.args` (the README's first command) reads the file's flags; later
     flags win."""
-    args = train.parse_args([f"@{ROOT / 'configs' / 'toy-mc.args'}", "--seed", "2", "--rank", "4"])
+    args = train_cli.parse_args([f"@{ROOT / 'configs' / 'toy-mc.args'}", "--seed", "2", "--rank", "4"])
     assert (args.old, args.new, args.task, args.batch_size, args.lr, args.ce_weight) == \
         ("toy-v1", "toy-v2", "toy-mc", 16, 2e-3, 0.5)
     assert args.epochs == 10  # not in the file: the paper's default
@@ -181,21 +183,21 @@ def test_flags_file_with_comments_then_overrides():
 def test_out_with_another_configuration_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "run"
     flags = ["--old", "a", "--new", "b", "--task", "piqa", "--out", str(out)]
-    train.check_run_config(out, train.parse_args(flags), Dist())
+    train.check_run_config(out, train_cli.parse_args(flags), Dist())
     (out / "stage1_task_old").mkdir()
-    train.check_run_config(out, train.parse_args(flags + ["--save-every", "3"]), Dist())  # resumes
+    train.check_run_config(out, train_cli.parse_args(flags + ["--save-every", "3"]), Dist())  # resumes
     assert (out / "stage1_task_old").is_dir()
     with pytest.raises(ValueError, match=r"different configuration \(lr: 0.0001 there, 0.001 now\)"
                                          r".*--overwrite"):
-        train.check_run_config(out, train.parse_args(flags + ["--lr", "1e-3"]), Dist())
-    train.check_run_config(out, train.parse_args(flags + ["--lr", "1e-3", "--overwrite"]), Dist())
+        train.check_run_config(out, train_cli.parse_args(flags + ["--lr", "1e-3"]), Dist())
+    train.check_run_config(out, train_cli.parse_args(flags + ["--lr", "1e-3", "--overwrite"]), Dist())
     assert not (out / "stage1_task_old").exists()
     assert json.loads((out / "run_config.json").read_text())["lr"] == 1e-3
     stranger = tmp_path / "not_a_run"
     stranger.mkdir()
     (stranger / "precious.txt").write_text("x")
     with pytest.raises(ValueError, match="holds no run_config.json.*nothing was deleted"):
-        train.check_run_config(stranger, train.parse_args(flags + ["--overwrite"]), Dist())
+        train.check_run_config(stranger, train_cli.parse_args(flags + ["--overwrite"]), Dist())
 
 
 def test_training_items_are_compared_by_digest_and_data_dir_is_recorded(tmp_path):
@@ -203,25 +205,25 @@ def test_training_items_are_compared_by_digest_and_data_dir_is_recorded(tmp_path
     training stage is to run, and a run that only evaluates (no digest now) keeps the one it has."""
     out = tmp_path / "run"
     flags = ["--old", "a", "--new", "b", "--task", "piqa", "--out", str(out), "--data-dir", "copy1"]
-    train.check_run_config(out, train.parse_args(flags), Dist(), "digest-1")
+    train.check_run_config(out, train_cli.parse_args(flags), Dist(), "digest-1")
     saved = json.loads((out / "run_config.json").read_text())
     assert (saved["data_dir"], saved[train.TRAIN_ITEMS]) == ("copy1", "digest-1")
     (out / "stage1_task_old").mkdir()
     moved = flags[:-1] + ["copy2"]
-    train.check_run_config(out, train.parse_args(moved), Dist(), "digest-1")  # the same items elsewhere
+    train.check_run_config(out, train_cli.parse_args(moved), Dist(), "digest-1")  # the same items elsewhere
     assert json.loads((out / "run_config.json").read_text())["data_dir"] == "copy2"
     with pytest.raises(ValueError) as info:
-        train.check_run_config(out, train.parse_args(flags[:-1] + ["edited"]), Dist(), "digest-2")
+        train.check_run_config(out, train_cli.parse_args(flags[:-1] + ["edited"]), Dist(), "digest-2")
     assert str(info.value) == (
         f"--out {out} holds a run with a different configuration (the training items differ from those "
         f"it was trained on, read from --data-dir copy2 there, edited now). Rerun with its flags to resume "
         f"it, choose another --out, or pass --overwrite to delete it and start over")
     assert (out / "stage1_task_old").is_dir()
-    train.check_run_config(out, train.parse_args(flags[:-1] + ["edited"]), Dist(), None)  # stage 4 only
+    train.check_run_config(out, train_cli.parse_args(flags[:-1] + ["edited"]), Dist(), None)  # stage 4 only
     assert json.loads((out / "run_config.json").read_text())[train.TRAIN_ITEMS] == "digest-1"
     older = {k: v for k, v in saved.items() if k not in ("data_dir", train.TRAIN_ITEMS)}
     (out / "run_config.json").write_text(json.dumps(older))  # written before the digest was kept
-    train.check_run_config(out, train.parse_args(flags), Dist(), "digest-2")
+    train.check_run_config(out, train_cli.parse_args(flags), Dist(), "digest-2")
     assert json.loads((out / "run_config.json").read_text())[train.TRAIN_ITEMS] == "digest-2"
 
 
@@ -230,13 +232,13 @@ def test_stage3_flags_may_change_until_stage3_starts(tmp_path):
     belongs to its mask."""
     out = tmp_path / "run"
     flags = ["--old", "a", "--new", "b", "--task", "piqa", "--out", str(out)]
-    train.check_run_config(out, train.parse_args(flags), Dist())
+    train.check_run_config(out, train_cli.parse_args(flags), Dist())
     other_mask = flags + ["--mask", "none", "--teachers", "store", "--top-k", "8"]
-    train.check_run_config(out, train.parse_args(other_mask), Dist())
+    train.check_run_config(out, train_cli.parse_args(other_mask), Dist())
     assert json.loads((out / "run_config.json").read_text())["mask"] == "none"
     (out / "stage3_compat").mkdir()
     with pytest.raises(ValueError, match=r"mask: 'none' there, 'student_correct' now"):
-        train.check_run_config(out, train.parse_args(flags + ["--teachers", "store", "--top-k", "8"]), Dist())
+        train.check_run_config(out, train_cli.parse_args(flags + ["--teachers", "store", "--top-k", "8"]), Dist())
 
 
 @pytest.mark.slow  # ~5 s: three stages of training and three evaluations
@@ -275,14 +277,14 @@ def test_stage3_on_a_bf16_base_starts_from_a2_exactly(tiny_models, data_dir, tmp
 
     def save_and_record(model, path, name="default", **kw):
         real_save(model, path, name, **kw)
-        with train.teacher_mode(model, name):
+        with losses.teacher_mode(model, name):
             at_save[Path(path).parent.name] = model(ids)
     monkeypatch.setattr(lora, "save_adapter", save_and_record)
     out = tmp_path / "run"
     flags = tiny_flags(*tiny_models, data_dir, out, "--dtype", "bfloat16")
     for stage in ("1", "2"):
         assert train.main(flags + ["--stage", stage]) == 0
-    student, old = train.compat_models(train.parse_args(flags), Dist(), out)
+    student, old = train.compat_models(train_cli.parse_args(flags), Dist(), out)
     assert student.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     a2 = load_file(out / train.STAGES[2] / "adapter" / "adapter_model.safetensors")
     for adapter in ("task", "compat"):
@@ -291,7 +293,7 @@ def test_stage3_on_a_bf16_base_starts_from_a2_exactly(tiny_models, data_dir, tmp
         for k in a2:
             assert state[k].dtype == torch.float32 and torch.equal(state[k], a2[k]), (adapter, k)
     assert any(not torch.equal(t, t.bfloat16().float()) for t in a2.values())  # rounding would show
-    with train.teacher_mode(student, "task"):
+    with losses.teacher_mode(student, "task"):
         assert torch.equal(student(ids), at_save[train.STAGES[2]])
     with torch.no_grad():
         assert torch.equal(old(ids), at_save[train.STAGES[1]])
@@ -415,7 +417,7 @@ def test_stage3_from_the_teacher_store(tiny_models, data_dir, tmp_path, monkeypa
 
 
 def test_teacher_store_across_two_vocabularies_is_refused(tiny_models, data_dir, tmp_path):
-    args = train.parse_args(tiny_flags(*tiny_models, data_dir, tmp_path, "--teachers", "store",
+    args = train_cli.parse_args(tiny_flags(*tiny_models, data_dir, tmp_path, "--teachers", "store",
                                        "--cross-vocab", "fill"))
     with pytest.raises(ValueError, match="--teachers store needs --old and --new of one vocabulary; "
                                          "--cross-vocab fill runs with --teachers online"):
