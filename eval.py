@@ -1,441 +1,36 @@
-"""Evaluation: log-likelihood multiple choice, greedy generation, per-instance prediction records.
+"""Evaluation: per-instance prediction records of a model (+ LoRA adapter) on a task, and eval.py's CLI.
 
 MUSCLE's metrics (the paper, Sec. 3: negative flips, BTC, gain/regression rates) compare two models
 instance by instance, so evaluation writes one JSON line per instance; `python eval.py compare`
-turns two or three such files into the compatibility report (compare.py).
+turns two or three such files into the compatibility report (compare.py), `python eval.py
+summary` several runs into one table (summary.py).
 
-The paper evaluated with lm-evaluation-harness v0.4.3 (the paper, appendix A.3); the
-scoring here reproduces its rules:
-- multiple choice: one request (context, " " + choice) per choice, tokenised as the harness's
-  `_encode_pair`, scored by the sum of the continuation's log-probabilities; acc = argmax, acc_norm =
-  argmax of ll / len(choice in characters). No BOS by default (v0.4.3's causal-LM default, what the
-  paper used); `add_bos=True` (CLI `--add-bos`) prepends it as harness >= v0.4.10 does for Llama.
-- generation: greedy, left-padded batches, prompt left-truncated to max_length - max_new_tokens, stop
-  at EOS or a stop string, text cut at the first stop string, `no_repeat_ngram_size` as transformers.
-  The BOS choice applies to prompts too (v0.4.3 encodes them with the same setting).
-- GSM8K `correct` is strict-match ("#### N", the paper's "exact match of the final number");
-  flexible-extract is stored beside it (`correct_flexible`) and printed too.
-Precision: log-softmax in float32 and sums in float64 whatever the model's dtype (the harness
-takes log-softmax in the model's dtype), so a bfloat16 model's scores lose nothing more here.
-
-Speed: the default multiple-choice path runs each item's shared prefix (normally the context) once
-into a KV cache, copies the cache to the item's choices, runs the choices' remaining tokens in
-small batches of similar length, and projects only the scored positions to the vocabulary; the
-plain path (one forward per choice) is kept as the reference it must equal. Generation projects
-only the last position. (bench/RESULTS.md measures both against lm-eval and transformers.)
+The paper evaluated with lm-evaluation-harness v0.4.3 (the paper, appendix A.3), and the records
+follow its rules: multiple choice by log-likelihood (likelihood.py), generation greedy (generation.py);
+GSM8K `correct` is strict-match ("#### N", the paper's "exact match of the final number"), with
+flexible-extract stored beside it (`correct_flexible`) and printed too.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-from tqdm import tqdm
 
 import cli
 import data
 import files
+import generation
+import likelihood
 import lora
 import metrics
 import models
 import toy  # noqa: F401  (registers the toy tasks and the toy bases)
 
 
-# ------------------------------------------------------------------ log-likelihood requests
-@dataclass
-class Request:
-    """One (context, continuation) pair tokenised as the harness does.
-
-    `tokens` is the model input: (context tokens + continuation tokens) left-truncated to
-    max_length + 1, last token dropped; its last len(targets) positions predict `targets`.
-    """
-
-    tokens: list[int]
-    targets: list[int]
-    truncated: bool = False  # the context lost tokens on the left to fit max_length
-
-    @property
-    def start(self) -> int:
-        """First input position whose logits are scored."""
-        return len(self.tokens) - len(self.targets)
-
-
-def encode_request(tokenizer: Any, context: str, continuation: str, add_bos: bool = False,
-                   max_length: int = 2048) -> Request:
-    """Tokenise like harness v0.4.3 `_encode_pair` + `_loglikelihood_tokens`.
-
-    Trailing spaces of the context move to the continuation; the continuation's tokens are those
-    of encode(context + continuation) after len(encode(context)), so a token that merges across the
-    boundary counts as continuation.
-    """
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    if context:
-        context_ids = tokenizer.encode(context, add_bos=add_bos)
-        targets = tokenizer.encode(context + continuation, add_bos=add_bos)[len(context_ids):]
-    else:  # the harness scores an empty context after the BOS (else EOS) token
-        context_ids = [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
-        targets = tokenizer.encode(continuation, add_bos=False)
-    if not 0 < len(targets) <= max_length:
-        raise ValueError(f"continuation {cli.short(continuation)} after context {cli.short(context)} encodes "
-                         f"to {len(targets)} tokens; scoring needs 1 to max_length={max_length}")
-    whole = context_ids + targets
-    return Request(whole[-(max_length + 1):][:-1], targets, truncated=len(whole) > max_length + 1)
-
-
-def note_truncated(n: int, total: int, what: str, limit: int) -> None:
-    """Say how many inputs were cut on the left to fit the model: a long input is truncated as
-    the harness does, never a crash, and never silently."""
-    if n:
-        print(f"note: {n} of {total} {what} did not fit in {limit} tokens and lost the start of "
-              f"their context", file=sys.stderr)
-
-
-def _token_scores(logits: torch.Tensor, targets: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position: log p(target) in float64 (float32 sums round at ~1e-4) and whether the
-    target is the argmax, from the logits [N, V] that predict the N targets."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    target = torch.tensor(targets, device=logits.device)
-    return logprobs.gather(-1, target[:, None]).squeeze(-1).double(), logprobs.argmax(-1) == target
-
-
-def _continuation_score(logits: torch.Tensor, targets: Sequence[int]) -> tuple[float, bool]:
-    """(sum of log p(target), every target is the argmax) from the logits that predict the targets."""
-    picked, greedy = _token_scores(logits, targets)
-    return picked.sum().item(), bool(greedy.all())
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _pad_right(rows: Sequence[Sequence[int]], width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids (pad 0: masked anyway) and the matching 0/1 attention mask."""
-    ids = torch.tensor([list(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
-    return ids, mask
-
-
-def _score_plain(model: torch.nn.Module, request: Request) -> tuple[float, bool]:
-    """The reference path: one forward of one request, as the harness does with batch size 1."""
-    ids = torch.tensor([request.tokens], device=_device(model))
-    return _continuation_score(model(ids)[0, request.start:], request.targets)
-
-
-# ------------------------------------------------------------------ fast path: shared prefixes
-def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
-    n = min(len(r) for r in rows)
-    for i in range(n):
-        if any(r[i] != rows[0][i] for r in rows[1:]):
-            return i
-    return n
-
-
-def _shared_prefix_len(requests: Sequence[Request]) -> int:
-    """Tokens all of an item's choices share and that run once; every choice keeps >= 1 own token.
-
-    The longest common prefix of the token inputs, not the context's length: tokenisation can merge
-    the context's last characters with the continuation, and choices often share their first words.
-    """
-    rows = [r.tokens for r in requests]
-    return min(_common_prefix_len(rows), min(len(r) for r in rows) - 1)
-
-
-def _expand_cache(model: torch.nn.Module, cache: Any, index: torch.Tensor, max_len: int) -> Any:
-    """A new cache whose row i holds the stored positions of `cache` row index[i], room for max_len."""
-    expanded = model.new_cache(len(index), max_len)
-    for dst, src in zip(expanded.keys + expanded.values, cache.keys + cache.values):
-        dst[:, :, :cache.length] = src[index, :, :cache.length]
-    expanded.length = cache.length
-    return expanded
-
-
-# Choice rows per suffix forward. Rows are sorted by suffix length first, so a small group pads
-# little, and a few rows at a time beat one batch padded to the longest (bench/scoring.py).
-SUFFIX_ROWS = 8
-
-
-def _suffix_hidden(model: torch.nn.Module, cache: Any, prefix_mask: torch.Tensor, prefix_lens: Sequence[int],
-                   rows: Sequence[tuple[int, Request]]) -> torch.Tensor:
-    """Final hidden states [len(rows), width, H] of the rows' tokens after their item's prefix,
-    run in one right-padded batch on copies of the prefix cache. The rows' attention mask covers
-    the prefixes' padding with zeros, so positions (cumsum of the mask) and attention equal each
-    request run alone."""
-    device = prefix_mask.device
-    width = max(len(r.tokens) - prefix_lens[j] for j, r in rows)
-    index = torch.tensor([j for j, _ in rows], device=device)
-    choice_cache = _expand_cache(model, cache, index, cache.length + width)
-    ids, mask = _pad_right([r.tokens[prefix_lens[j]:] for j, r in rows], width, device)
-    return model.hidden_states(ids, torch.cat([prefix_mask[index], mask], dim=1), choice_cache)
-
-
-def _packed_scores(model: torch.nn.Module, hidden: Sequence[torch.Tensor],
-                   targets: Sequence[Sequence[int]]) -> list[tuple[float, bool]]:
-    """(log-likelihood, is_greedy) per row from the hidden states of its scored positions only:
-    one lm_head and one log-softmax over all rows' scored positions packed together, so padding
-    and unscored positions never get full-vocabulary logits."""
-    picked, greedy = _token_scores(model.lm_head(torch.cat(list(hidden))), [t for ts in targets for t in ts])
-    sizes = [len(ts) for ts in targets]
-    return [(p.sum().item(), bool(g.all())) for p, g in zip(picked.split(sizes), greedy.split(sizes))]
-
-
-def _score_items_fast(model: torch.nn.Module, items: Sequence[Sequence[Request]],
-                      suffix_rows: int = SUFFIX_ROWS) -> list[list[tuple[float, bool]]]:
-    """Score several items' choices: the items' shared prefixes once, in one batch into a KV
-    cache; then the choice rows, sorted by suffix length, `suffix_rows` at a time on copies of
-    that cache; then the scored positions of all rows through lm_head together.
-
-    A row's scored positions may start inside the prefix (the prefix's last position, at least,
-    predicts the first continuation token): those come from the prefix's hidden states.
-    """
-    device = _device(model)
-    prefix_lens = [_shared_prefix_len(reqs) for reqs in items]
-    rows = [(j, r) for j, reqs in enumerate(items) for r in reqs]
-    width = max(prefix_lens)
-    prefix_ids, prefix_mask = _pad_right([reqs[0].tokens[:p] for reqs, p in zip(items, prefix_lens)], width, device)
-    cache = model.new_cache(len(items), width)
-    prefix_hidden = model.hidden_states(prefix_ids, prefix_mask, cache) if width else None
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][1].tokens) - prefix_lens[rows[i][0]])
-    scored: list[torch.Tensor] = [torch.empty(0)] * len(rows)
-    for s in range(0, len(order), suffix_rows):
-        group = order[s:s + suffix_rows]
-        hidden = _suffix_hidden(model, cache, prefix_mask, prefix_lens, [rows[i] for i in group])
-        for row, i in enumerate(group):
-            (j, r), p = rows[i], prefix_lens[rows[i][0]]
-            own = hidden[row, max(r.start - p, 0):len(r.tokens) - p]
-            scored[i] = torch.cat([prefix_hidden[j, r.start:p], own]) if r.start < p else own
-    flat = _packed_scores(model, scored, [r.targets for _, r in rows])
-    scores: list[list[tuple[float, bool]]] = [[] for _ in items]
-    for (j, _), score in zip(rows, flat):
-        scores[j].append(score)
-    return scores
-
-
-def _batches_by_rows(order: Sequence[int], sizes: Sequence[int], max_rows: int) -> Iterable[list[int]]:
-    """Consecutive groups of `order` whose sizes sum to at most max_rows (at least one per group)."""
-    group: list[int] = []
-    rows = 0
-    for i in order:
-        if group and rows + sizes[i] > max_rows:
-            yield group
-            group, rows = [], 0
-        group.append(i)
-        rows += sizes[i]
-    if group:
-        yield group
-
-
-# ------------------------------------------------------------------ multiple choice
-@torch.inference_mode()
-def score_requests(model: torch.nn.Module, requests: Sequence[Sequence[Request]], batch_size: int = 32,
-                   fast: bool = True, progress: bool = False) -> list[list[tuple[float, bool]]]:
-    """(log-likelihood, is_greedy) per request of each item; `batch_size` counts choice rows.
-
-    Items are sorted longest first (as the harness does, so memory errors come early) and packed
-    into batches of at most `batch_size` choices.
-    """
-    if not fast:
-        return [[_score_plain(model, r) for r in reqs] for reqs in tqdm(requests, disable=not progress)]
-    lengths = [max(len(r.tokens) for r in reqs) for reqs in requests]
-    order = sorted(range(len(requests)), key=lambda i: -lengths[i])
-    results: list[list[tuple[float, bool]]] = [[] for _ in requests]
-    groups = list(_batches_by_rows(order, [len(reqs) for reqs in requests], batch_size))
-    for group in tqdm(groups, desc="scoring", disable=not progress):
-        for i, scores in zip(group, _score_items_fast(model, [requests[i] for i in group])):
-            results[i] = scores
-    return results
-
-
-def _argmax(values: Sequence[float]) -> int:
-    """First index of the maximum (numpy's argmax, as the harness uses)."""
-    return max(range(len(values)), key=lambda i: (values[i], -i))
-
-
-def choice_record(item: Any, scores: Sequence[tuple[float, bool]]) -> dict[str, Any]:
-    """Prediction record of one multiple-choice item (harness acc and acc_norm)."""
-    lls = [ll for ll, _ in scores]
-    pred = _argmax(lls)
-    pred_norm = _argmax([ll / len(c) for ll, c in zip(lls, item.choices)])
-    return {
-        "prediction": pred, "correct": pred == item.gold, "score": float(pred == item.gold),
-        "gold": item.gold, "loglikelihoods": lls, "is_greedy": [g for _, g in scores],
-        "acc_norm_prediction": pred_norm, "correct_norm": pred_norm == item.gold,
-    }
-
-
-def encode_requests(tokenizer: Any, items: Sequence[Any], add_bos: bool = False,
-                    max_length: int = 2048) -> list[list[Request]]:
-    """The requests of every choice of every multiple-choice item; an item that cannot be
-    scored (a choice of no tokens, a continuation longer than the model) is named by its id."""
-    requests = []
-    for it in items:
-        try:
-            requests.append([encode_request(tokenizer, it.context, " " + c, add_bos, max_length)
-                             for c in it.choices])
-        except ValueError as e:
-            raise ValueError(f"item {it.id} cannot be scored: {e}") from None
-    return requests
-
-
-def score_choices(model: torch.nn.Module, tokenizer: Any, items: Sequence[Any], batch_size: int = 32,
-                  add_bos: bool = False, fast: bool = True, max_length: int | None = None,
-                  progress: bool = False) -> list[dict[str, Any]]:
-    """Score `data.MultipleChoice` items; one record per item (see `choice_record`).
-
-    max_length defaults to the model's max_position_embeddings (the harness's max_length).
-    """
-    max_length = max_length or model.config.max_position_embeddings
-    requests = encode_requests(tokenizer, items, add_bos, max_length)
-    note_truncated(sum(any(r.truncated for r in reqs) for reqs in requests), len(items), "items", max_length)
-    scores = score_requests(model, requests, batch_size, fast, progress)
-    return [{"id": it.id, **choice_record(it, s)} for it, s in zip(items, scores)]
-
-
-class NonFinite(ValueError):
-    """The model's outputs hold NaN or inf: its weights (base or adapter) are broken, and no
-    accuracy computed from them would mean anything."""
-
-
-def _first_bad(values: torch.Tensor) -> str:
-    bad = values[~torch.isfinite(values)]
-    return str(bad[0].item()) if len(bad) else "finite"
-
-
-def check_finite(records: Sequence[dict[str, Any]]) -> None:
-    """Raise NonFinite naming the first record whose log-likelihoods are NaN or infinite."""
-    for r in records:
-        values = r.get("loglikelihoods") or []
-        if not all(math.isfinite(v) for v in values):
-            raise NonFinite(f"non-finite log-likelihoods {values} on item {r['id']}")
-
-
-# ------------------------------------------------------------------ greedy generation
-class NGramBlocker:
-    """transformers' NoRepeatNGramLogitsProcessor for one sequence, kept up to date token by token.
-
-    Over the whole sequence (prompt included, padding excluded), every token that followed the
-    current last n-1 tokens anywhere before is banned. Padding is excluded so a sequence generates
-    the same text in any batch; transformers counts left pads too, which only matters if the model
-    generates the pad token without it being EOS.
-    """
-
-    def __init__(self, n: int, tokens: Sequence[int]):
-        self.n = n
-        self.tokens: list[int] = []
-        self.followers: dict[tuple[int, ...], set[int]] = {}
-        for t in tokens:
-            self.append(t)
-
-    def append(self, token: int) -> None:
-        self.tokens.append(token)
-        if len(self.tokens) >= self.n:
-            self.followers.setdefault(tuple(self.tokens[len(self.tokens) - self.n:-1]), set()).add(token)
-
-    def banned(self) -> list[int]:
-        if len(self.tokens) + 1 < self.n:
-            return []
-        return list(self.followers.get(tuple(self.tokens[len(self.tokens) - self.n + 1:]), ()))
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """Text before the earliest occurrence of any stop string (the harness splits on each)."""
-    cuts = [text.find(s) for s in stop if s and s in text]
-    return text[:min(cuts)] if cuts else text
-
-
-def _pick_next(logits: torch.Tensor, blockers: Sequence[NGramBlocker | None]) -> torch.Tensor:
-    """Greedy choice after the n-gram bans; argmax takes the first maximum, as transformers."""
-    scores = logits.float()
-    if not torch.isfinite(scores).all():  # argmax of NaN would be a silently arbitrary token
-        raise NonFinite(f"non-finite logits ({_first_bad(scores)}) while generating")
-    for row, blocker in enumerate(blockers):
-        if blocker is not None:
-            scores[row, blocker.banned()] = float("-inf")
-    return scores.argmax(-1)
-
-
-def _last_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
-    """Logits [B, V] of the last position only: at prefill the other positions' full-vocabulary
-    projections would be computed and dropped (transformers' `logits_to_keep=1`)."""
-    return model.lm_head(model.hidden_states(ids, mask, cache)[:, -1])
-
-
-def _generate_batch(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                    stop: Sequence[str], no_repeat_ngram_size: int) -> list[list[int]]:
-    """Greedy decoding of one left-padded batch with the KV cache; new tokens per row, EOS excluded.
-
-    A row stops at EOS or once its decoded continuation contains a stop string; the batch stops
-    when every row has (finished rows keep feeding the pad token, their output ignored).
-    """
-    device = _device(model)
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_id
-    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    blockers = [NGramBlocker(no_repeat_ngram_size, p) if no_repeat_ngram_size else None for p in prompts]
-    new: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    cache = model.new_cache(len(prompts), width + max_new_tokens)
-    logits = _last_logits(model, ids, mask, cache)
-    for step in range(max_new_tokens):
-        next_ids = _pick_next(logits, [None if d else b for d, b in zip(done, blockers)])
-        for row, token in enumerate(next_ids.tolist()):
-            if done[row]:
-                next_ids[row] = pad
-            elif token == tokenizer.eos_id:
-                done[row] = True
-            else:
-                new[row].append(token)
-                if blockers[row] is not None:
-                    blockers[row].append(token)
-                if stop:  # decode once per token, not once per stop string
-                    text = tokenizer.decode(new[row])
-                    done[row] = any(s in text for s in stop)
-        if all(done) or step == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
-        logits = _last_logits(model, next_ids[:, None], mask, cache)
-    return new
-
-
-@torch.inference_mode()
-def generate_ids(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 stop: Sequence[str] = (), no_repeat_ngram_size: int = 0, batch_size: int = 32,
-                 progress: bool = False) -> list[list[int]]:
-    """Greedy continuations (token ids, EOS excluded) of tokenised prompts, longest prompts batched first."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out: list[list[int]] = [[] for _ in prompts]
-    groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for group in tqdm(groups, desc="generating", disable=not progress):
-        batch = _generate_batch(model, tokenizer, [prompts[i] for i in group], max_new_tokens, stop,
-                                no_repeat_ngram_size)
-        for i, tokens in zip(group, batch):
-            out[i] = tokens
-    return out
-
-
-def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-             stop: Sequence[str] = (), no_repeat_ngram_size: int = 0, batch_size: int = 32,
-             add_bos: bool = False, max_length: int | None = None, progress: bool = False) -> list[str]:
-    """Greedy continuations of text prompts, cut at the first stop string.
-
-    Prompts are left-truncated to max_length - max_new_tokens tokens, as the harness does.
-    """
-    max_length = max_length or model.config.max_position_embeddings
-    budget = max_length - max_new_tokens
-    if budget <= 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt (max_length={max_length})")
-    ids = [tokenizer.encode(p, add_bos=add_bos) for p in prompts]
-    note_truncated(sum(len(i) > budget for i in ids), len(ids), "prompts", budget)
-    ids = [i[-budget:] for i in ids]
-    outputs = generate_ids(model, tokenizer, ids, max_new_tokens, stop, no_repeat_ngram_size, batch_size, progress)
-    return [cut_at_stop(tokenizer.decode(t), stop) for t in outputs]
 
 
 # ------------------------------------------------------------------ tasks: records and metrics
@@ -476,10 +71,10 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: str | data.Task, item
     items = list(items[:limit] if limit is not None else items)
     prompts = data.add_fewshot(spec, items, fewshot_items, num_fewshot)
     if spec.kind == "multiple_choice":
-        records = score_choices(model, tokenizer, prompts, batch_size, add_bos, fast, max_length, progress)
-        check_finite(records)
+        records = likelihood.score_choices(model, tokenizer, prompts, batch_size, add_bos, fast, max_length, progress)
+        likelihood.check_finite(records)
     else:
-        texts = generate(model, tokenizer, [it.prompt for it in prompts], spec.max_new_tokens, spec.stop,
+        texts = generation.generate(model, tokenizer, [it.prompt for it in prompts], spec.max_new_tokens, spec.stop,
                          spec.no_repeat_ngram_size, batch_size, add_bos, max_length, progress)
         records = [{"id": it.id, **generation_record(spec.metric, it, t)} for it, t in zip(items, texts)]
     texts_in = [it.context if spec.kind == "multiple_choice" else it.prompt for it in prompts]
@@ -492,7 +87,7 @@ def check_scorable(task: str | data.Task, items: Sequence[Any], tokenizer: Any, 
     tokenises into a request (multiple choice), or the task's new tokens leave room for a prompt."""
     spec = data.get_task(task)
     if spec.kind == "multiple_choice":
-        encode_requests(tokenizer, items, add_bos, max_length)
+        likelihood.encode_requests(tokenizer, items, add_bos, max_length)
     elif spec.max_new_tokens >= max_length:
         raise ValueError(f"task {spec.name} generates {spec.max_new_tokens} new tokens, which leaves no room "
                          f"for a prompt in the model's context of {max_length} tokens")
@@ -573,7 +168,7 @@ def warn_if_other_base(adapter: str, model_name: str) -> None:
               f"its predictions on another base mean little", file=sys.stderr)
 
 
-def name_broken(error: NonFinite, model: str, adapter: str | None) -> str:
+def name_broken(error: likelihood.NonFinite, model: str, adapter: str | None) -> str:
     """The NonFinite message with the model and adapter that produced it, and what to check."""
     source = f"--model {model}" + (f" with --adapter {adapter}" if adapter else "")
     return (f"{source}: {error}; its weights hold NaN or inf values, so no accuracy is reported: "
@@ -628,8 +223,8 @@ def run(args: argparse.Namespace) -> None:
     try:
         records = evaluate(model, tokenizer, spec.name, items, args.batch_size, args.limit, args.num_fewshot,
                            shots, args.add_bos, not args.plain, progress=True)
-    except NonFinite as e:
-        raise NonFinite(name_broken(e, args.model, args.adapter)) from None
+    except likelihood.NonFinite as e:
+        raise likelihood.NonFinite(name_broken(e, args.model, args.adapter)) from None
     try:
         path = write_predictions(records, args.out)
     except OSError as e:

@@ -50,6 +50,7 @@ import data
 import distributed
 import eval as evaluation
 import files
+import likelihood
 import lock
 import lora
 import losses
@@ -268,8 +269,8 @@ def predict(base: str, adapter: Path, items: list, path: Path, args: argparse.Na
     try:
         records = evaluation.evaluate(model, models.load_tokenizer(base), args.task,
                                       items[env.rank::env.world], batch_size=args.eval_batch_size)
-    except evaluation.NonFinite as e:
-        raise evaluation.NonFinite(evaluation.name_broken(e, base, str(adapter))) from None
+    except likelihood.NonFinite as e:
+        raise likelihood.NonFinite(evaluation.name_broken(e, base, str(adapter))) from None
     parts = [path.with_name(f".{path.stem}.rank{r}.jsonl") for r in range(env.world)]
     evaluation.write_predictions(records, parts[env.rank])
     distributed.barrier(env)

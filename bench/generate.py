@@ -1,4 +1,4 @@
-"""Greedy generation with the KV cache: eval.generate_ids vs transformers' `generate`.
+"""Greedy generation with the KV cache: generation.generate_ids vs transformers' `generate`.
 
 GSM8K test prompts ("Question: ...\\nAnswer:", the harness format) on the random small Llama of
 bench/common.py, one left-padded batch, 128 new tokens. Stop-free on both sides: a random model
@@ -30,9 +30,9 @@ def prompts(n: int, tokenizer: Any) -> list[list[int]]:
 
 
 def ours(model: torch.nn.Module, tokenizer: Any, ids: list[list[int]], new_tokens: int) -> list[list[int]]:
-    import eval as evaluation
+    import generation
 
-    return evaluation.generate_ids(model, tokenizer, ids, new_tokens, batch_size=len(ids))
+    return generation.generate_ids(model, tokenizer, ids, new_tokens, batch_size=len(ids))
 
 
 @torch.inference_mode()
@@ -79,7 +79,7 @@ def main() -> None:
               "tokens", "range ours / ref"]
     cfg = ", ".join(f"{k}={v}" for k, v in common.SMALL_LM.items() if v is not None and k != "model_type")
     body = (f"Random Llama ({cfg}), float32, GSM8K test prompts (first {args.batch}), one left-padded batch, "
-            f"greedy, stop-free. Ours: `eval.generate_ids` (preallocated KV cache). Reference: transformers "
+            f"greedy, stop-free. Ours: `generation.generate_ids` (preallocated KV cache). Reference: transformers "
             f"{transformers.__version__} `generate` (do_sample=False, its default dynamic cache). {args.repeats} "
             f"interleaved repeats after 1 warm-up, medians.\n\n" + common.table(header, rows))
     common.write_section("generate", "Greedy generation: ours vs transformers generate", body)

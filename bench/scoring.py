@@ -1,4 +1,4 @@
-"""Log-likelihood multiple-choice scoring: eval.score_choices vs lm-evaluation-harness's HFLM.
+"""Log-likelihood multiple-choice scoring: likelihood.score_choices vs lm-evaluation-harness's HFLM.
 
 Both sides score the same items on the same random small Llama (bench/common.py SMALL_LM) with
 the same BPE tokenizer, and must pick the same answer for every item (acc and acc_norm). The
@@ -58,9 +58,9 @@ def load_items(n_piqa: int, n_hellaswag: int) -> dict[str, list]:
 
 # ------------------------------------------------------------------------------------ the sides
 def ours(model: torch.nn.Module, tokenizer: Any, items: Sequence) -> list[list[float]]:
-    import eval as evaluation
+    import likelihood
 
-    records = evaluation.score_choices(model, tokenizer, items, batch_size=BATCH, add_bos=False)
+    records = likelihood.score_choices(model, tokenizer, items, batch_size=BATCH, add_bos=False)
     return [r["loglikelihoods"] for r in records]
 
 
@@ -76,10 +76,10 @@ def harness(lm: Any, items: Sequence) -> list[list[float]]:
 
 def predictions(items: Sequence, lls: list[list[float]]) -> list[tuple[int, int]]:
     """(acc prediction, acc_norm prediction) per item, with the first maximum as numpy's argmax."""
-    import eval as evaluation
+    import likelihood
 
     return [(r["prediction"], r["acc_norm_prediction"])
-            for r in (evaluation.choice_record(it, [(ll, False) for ll in row]) for it, row in zip(items, lls))]
+            for r in (likelihood.choice_record(it, [(ll, False) for ll in row]) for it, row in zip(items, lls))]
 
 
 def main() -> None:
@@ -115,7 +115,7 @@ def main() -> None:
     import lm_eval
 
     body = (f"Random Llama ({cfg}), float32, byte-level BPE tokenizer trained on PIQA + GSM8K text "
-            f"({common.SMALL_LM_TOKENS} tokens), no BOS. Ours: `eval.score_choices` (shared-prefix fast path), "
+            f"({common.SMALL_LM_TOKENS} tokens), no BOS. Ours: `likelihood.score_choices` (shared-prefix fast path), "
             f"batch {BATCH} choice rows. Reference: lm-evaluation-harness {lm_eval.__version__} `HFLM` "
             f"(transformers model object, batch {BATCH}) `.loglikelihood` on `Instance` requests. "
             f"{args.repeats} interleaved repeats after 1 warm-up, medians. HellaSwag-shaped items are built "

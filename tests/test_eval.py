@@ -17,6 +17,8 @@ from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
 
 import data
 import eval as ev
+import generation
+import likelihood
 import metrics
 import models
 
@@ -109,7 +111,7 @@ def test_loglikelihoods_equal_transformers(setup, add_bos, max_length):
     model, tok, hf, hf_tok, tok_has_bos = setup.model, setup.tok, setup.hf, setup.hf_tok, setup.has_bos
     if add_bos and not tok_has_bos:
         pytest.skip("the BOS flag needs a tokenizer with a BOS token")
-    records = ev.score_choices(model, tok, ITEMS, batch_size=4, add_bos=add_bos, max_length=max_length)
+    records = likelihood.score_choices(model, tok, ITEMS, batch_size=4, add_bos=add_bos, max_length=max_length)
     for item, record in zip(ITEMS, records):
         expected = oracle_loglikelihoods(hf, hf_tok, item, add_bos, max_length)
         assert record["loglikelihoods"] == pytest.approx([ll for ll, _ in expected], abs=1e-4)
@@ -125,8 +127,8 @@ def test_bos_flag_changes_the_tokens(setup):
     tok, tok_has_bos = setup.tok, setup.has_bos
     if not tok_has_bos:
         pytest.skip("tokenizer has no BOS")
-    without = ev.encode_request(tok, "The cat sat on the ", "mat", add_bos=False)
-    with_bos = ev.encode_request(tok, "The cat sat on the ", "mat", add_bos=True)
+    without = likelihood.encode_request(tok, "The cat sat on the ", "mat", add_bos=False)
+    with_bos = likelihood.encode_request(tok, "The cat sat on the ", "mat", add_bos=True)
     assert with_bos.tokens == [tok.bos_id] + without.tokens and with_bos.targets == without.targets
 
 
@@ -136,7 +138,7 @@ def test_boundary_merge_moves_tokens_to_the_continuation(setup):
     if tok_has_bos:
         pytest.skip("the word-splitting tokenizer never merges across the boundary")
     context, continuation = "The cat sat on the", " mat."
-    request = ev.encode_request(tok, context, continuation)
+    request = likelihood.encode_request(tok, context, continuation)
     context_ids = tok.encode(context, add_bos=False)
     whole = tok.encode(context + continuation, add_bos=False)
     assert whole[:len(context_ids)] != context_ids  # the case this test is about really occurs
@@ -149,7 +151,7 @@ def plain_scores(setup):
     """max_length -> (items, plain-path records); real PIQA items only untruncated (long choices)."""
     model, tok = setup.model, setup.tok
     piqa = data.load_task("piqa", "validation", DATA_DIR)[:6] if DATA_DIR.is_dir() else []
-    return {n: (items, ev.score_choices(model, tok, items, fast=False, max_length=n))
+    return {n: (items, likelihood.score_choices(model, tok, items, fast=False, max_length=n))
             for n, items in ((2048, ITEMS + piqa), (24, ITEMS))}
 
 
@@ -158,7 +160,7 @@ def test_fast_path_equals_plain_path(setup, plain_scores, batch_size, max_length
     """One item or several per batch, and left truncation that shifts choices apart (no shared prefix)."""
     model, tok = setup.model, setup.tok
     items, plain = plain_scores[max_length]
-    fast = ev.score_choices(model, tok, items, batch_size=batch_size, max_length=max_length)
+    fast = likelihood.score_choices(model, tok, items, batch_size=batch_size, max_length=max_length)
     for p, f in zip(plain, fast):
         assert f["loglikelihoods"] == pytest.approx(p["loglikelihoods"], abs=1e-5)
         assert f["is_greedy"] == p["is_greedy"] and f["id"] == p["id"]
@@ -168,9 +170,9 @@ def test_fast_path_equals_plain_path(setup, plain_scores, batch_size, max_length
 def test_sorted_suffix_groups_equal_plain_path(setup, plain_scores, suffix_rows):
     """Rows sorted by suffix length and run in groups of any size on copies of the prefix cache."""
     items, plain = plain_scores[2048]
-    requests = [[ev.encode_request(setup.tok, it.context, " " + c) for c in it.choices] for it in items]
+    requests = [[likelihood.encode_request(setup.tok, it.context, " " + c) for c in it.choices] for it in items]
     with torch.no_grad():
-        fast = ev._score_items_fast(setup.model, requests, suffix_rows)
+        fast = likelihood._score_items_fast(setup.model, requests, suffix_rows)
     for p, f in zip(plain, fast):
         assert [ll for ll, _ in f] == pytest.approx(p["loglikelihoods"], abs=1e-5)
         assert [g for _, g in f] == p["is_greedy"]
@@ -180,10 +182,10 @@ def test_fast_path_runs_its_right_padded_prefixes_without_a_mask(setup, plain_sc
     """The items' shared prefixes (one right-padded batch) take SDPA's causal path; the choice rows
     after the cache need the mask (their keys include the prefixes' padding)."""
     items, plain = plain_scores[2048]
-    requests = [[ev.encode_request(setup.tok, it.context, " " + c) for c in it.choices] for it in items]
+    requests = [[likelihood.encode_request(setup.tok, it.context, " " + c) for c in it.choices] for it in items]
     sdpa = SDPACalls(monkeypatch)
     with torch.no_grad():
-        fast = ev._score_items_fast(setup.model, requests, suffix_rows=100)
+        fast = likelihood._score_items_fast(setup.model, requests, suffix_rows=100)
     layers = setup.model.config.num_hidden_layers
     assert (sdpa.calls, sdpa.masked) == (2 * layers, layers)  # prefix forward, one suffix group
     for p, f in zip(plain, fast):
@@ -191,16 +193,16 @@ def test_fast_path_runs_its_right_padded_prefixes_without_a_mask(setup, plain_sc
 
 
 def test_shared_prefix_covers_common_tokens_but_leaves_each_choice_one():
-    reqs = [ev.Request([5, 6, 7, 8], [8]), ev.Request([5, 6, 7, 9, 4], [9, 4]), ev.Request([5, 6, 7], [7])]
-    assert ev._shared_prefix_len(reqs) == 2
-    assert ev._shared_prefix_len([ev.Request([5, 6, 7, 8], [7, 8]), ev.Request([5, 6, 9], [9])]) == 2
-    assert ev._shared_prefix_len([ev.Request([1, 2], [2]), ev.Request([3, 2], [2])]) == 0
+    reqs = [likelihood.Request([5, 6, 7, 8], [8]), likelihood.Request([5, 6, 7, 9, 4], [9, 4]), likelihood.Request([5, 6, 7], [7])]
+    assert likelihood._shared_prefix_len(reqs) == 2
+    assert likelihood._shared_prefix_len([likelihood.Request([5, 6, 7, 8], [7, 8]), likelihood.Request([5, 6, 9], [9])]) == 2
+    assert likelihood._shared_prefix_len([likelihood.Request([1, 2], [2]), likelihood.Request([3, 2], [2])]) == 0
 
 
 def test_continuation_longer_than_the_model_is_a_clear_error(setup):
     tok = setup.tok
     with pytest.raises(ValueError, match="max_length=4"):
-        ev.encode_request(tok, "Question:", " Put it in a pot and heat it.", max_length=4)
+        likelihood.encode_request(tok, "Question:", " Put it in a pot and heat it.", max_length=4)
 
 
 # ------------------------------------------------------------------ greedy generation
@@ -232,7 +234,7 @@ def test_greedy_generation_equals_transformers(setup, ngram):
     model, tok, hf = setup.model, setup.tok, setup.hf
     prompt_ids = [tok.encode(p, add_bos=False) for p in PROMPTS]
     expected = hf_greedy(hf, prompt_ids, tok.eos_id, 20, ngram)
-    assert ev.generate_ids(model, tok, prompt_ids, 20, no_repeat_ngram_size=ngram, batch_size=3) == expected
+    assert generation.generate_ids(model, tok, prompt_ids, 20, no_repeat_ngram_size=ngram, batch_size=3) == expected
     if ngram:  # the ban really acts: without it the output differs
         assert hf_greedy(hf, prompt_ids, tok.eos_id, 20) != expected
     # A token that some row first generates at position k >= 2, as EOS: that row ends there.
@@ -240,7 +242,7 @@ def test_greedy_generation_equals_transformers(setup, ngram):
     eos = expected[row][k]
     early = hf_greedy(hf, prompt_ids, eos, 20, ngram)
     assert early[row] == expected[row][:k]
-    assert ev.generate_ids(model, with_eos(tok, eos), prompt_ids, 20, no_repeat_ngram_size=ngram,
+    assert generation.generate_ids(model, with_eos(tok, eos), prompt_ids, 20, no_repeat_ngram_size=ngram,
                            batch_size=2) == early
 
 
@@ -249,7 +251,7 @@ def test_stop_strings_cut_like_truncating_transformers_output(setup):
     prompt_ids = [tok.encode(p, add_bos=False) for p in PROMPTS]
     full = [hf_tok.decode(r) for r in hf_greedy(hf, prompt_ids, tok.eos_id, 24, 2)]
     stop = [full[0][4:7], full[1][-3:], "never appears"]
-    texts = ev.generate(model, tok, PROMPTS, 24, stop=stop, no_repeat_ngram_size=2, batch_size=3)
+    texts = generation.generate(model, tok, PROMPTS, 24, stop=stop, no_repeat_ngram_size=2, batch_size=3)
     expected = []
     for text in full:
         for s in stop:  # the harness's rule: split on each stop string, keep the first part
@@ -257,7 +259,7 @@ def test_stop_strings_cut_like_truncating_transformers_output(setup):
         expected.append(text)
     assert texts == expected and len(texts[0]) <= 4
     # and the first row stopped decoding once its stop string appeared
-    ids = ev.generate_ids(model, tok, prompt_ids, 24, stop=stop, no_repeat_ngram_size=2)
+    ids = generation.generate_ids(model, tok, prompt_ids, 24, stop=stop, no_repeat_ngram_size=2)
     assert stop[0] in tok.decode(ids[0]) and stop[0] not in tok.decode(ids[0][:-1])
 
 
@@ -268,12 +270,12 @@ def test_ngram_blocker_equals_transformers_processor(n):
     for length in range(1, 41):
         scores = processor(seq[:, :length], torch.zeros(1, 6))
         expected = sorted(torch.nonzero(scores[0] == float("-inf")).flatten().tolist())
-        assert sorted(ev.NGramBlocker(n, seq[0, :length].tolist()).banned()) == expected
+        assert sorted(generation.NGramBlocker(n, seq[0, :length].tolist()).banned()) == expected
 
 
 def test_cut_at_stop_takes_the_earliest_stop_string():
-    assert ev.cut_at_stop("a b\n\nSummary: c", ["Summary:", "\n\n"]) == "a b"
-    assert ev.cut_at_stop("no stop here", ["Question:"]) == "no stop here"
+    assert generation.cut_at_stop("a b\n\nSummary: c", ["Summary:", "\n\n"]) == "a b"
+    assert generation.cut_at_stop("no stop here", ["Question:"]) == "no stop here"
 
 
 # ------------------------------------------------------------------ tasks end to end
@@ -291,7 +293,7 @@ def test_evaluate_piqa_writes_multiple_choice_records(setup, data_dir, tmp_path)
     records = ev.evaluate(model, tok, "piqa", items, batch_size=4, limit=5)
     written = read_jsonl(ev.write_predictions(records, tmp_path / "sub" / "piqa.jsonl"))
     assert written == records and [r["id"] for r in written] == [it.id for it in items[:5]]
-    plain = ev.score_choices(model, tok, items[:5], fast=False)
+    plain = likelihood.score_choices(model, tok, items[:5], fast=False)
     for record, item, p in zip(written, items, plain):
         assert record["task"] == "piqa" and record["gold"] == item.gold
         assert record["loglikelihoods"] == pytest.approx(p["loglikelihoods"], abs=1e-5)
@@ -308,7 +310,7 @@ def test_fewshot_prompt_is_the_harness_prefix(setup, data_dir):
     records = ev.evaluate(model, tok, "piqa", items, num_fewshot=2, fewshot_items=shots)
     prompted = data.add_fewshot("piqa", items, shots, 2)
     assert prompted[0].context.endswith("\n\n" + items[0].context) and prompted[0].context != prompted[1].context
-    expected = ev.score_choices(model, tok, prompted, fast=False)
+    expected = likelihood.score_choices(model, tok, prompted, fast=False)
     assert lls(records) == pytest.approx(lls(expected), abs=1e-5)
 
 
@@ -318,7 +320,7 @@ def test_evaluate_gsm8k_generates_and_scores(setup, data_dir, tmp_path):
     task = replace(data.TASKS["gsm8k"], max_new_tokens=32)  # the real task but shorter, for speed
     records = ev.evaluate(model, tok, task, items, batch_size=2)
     assert read_jsonl(ev.write_predictions(records, tmp_path / "gsm8k.jsonl")) == records
-    texts = ev.generate(model, tok, [it.prompt for it in items], 32, stop=task.stop)
+    texts = generation.generate(model, tok, [it.prompt for it in items], 32, stop=task.stop)
     for record, item, text in zip(records, items, texts):
         assert record["prediction"] == text and record["task"] == "gsm8k"
         assert record["reference"] == item.references[0]
@@ -330,8 +332,8 @@ def test_evaluate_samsum_uses_the_ngram_ban_and_rouge(setup, data_dir):
     items = data.load_task("samsum", "test", data_dir)[:2]
     task = replace(data.TASKS["samsum"], max_new_tokens=16)
     records = ev.evaluate(model, tok, task, items)
-    texts = ev.generate(model, tok, [it.prompt for it in items], 16, stop=task.stop, no_repeat_ngram_size=2)
-    assert texts != ev.generate(model, tok, [it.prompt for it in items], 16, stop=task.stop)
+    texts = generation.generate(model, tok, [it.prompt for it in items], 16, stop=task.stop, no_repeat_ngram_size=2)
+    assert texts != generation.generate(model, tok, [it.prompt for it in items], 16, stop=task.stop)
     for record, item, text in zip(records, items, texts):
         assert record["prediction"] == text and record["correct"] is None
         assert record["score"] == metrics.rouge1(text, item.references[0])
@@ -359,7 +361,7 @@ def test_cli_writes_predictions_and_compare_dispatches(setup, data_dir, tmp_path
                     "--device", "cpu", "--out", str(out)]) == 0
     records = read_jsonl(out)
     items = data.load_task("piqa", "validation", data_dir)[:3]
-    expected = ev.score_choices(setup.model, setup.tok, items, fast=False)
+    expected = likelihood.score_choices(setup.model, setup.tok, items, fast=False)
     assert lls(records) == pytest.approx(lls(expected), abs=1e-5)
     printed = json.loads(capsys.readouterr().out)
     assert printed == {"task": "piqa", **ev.summarize("piqa", records)}
@@ -372,8 +374,8 @@ def test_phi_fast_scoring_and_generation(tmp_path):
     build_tokenizer(tmp_path, bos=False, split_words=True)
     hf = tiny_hf_model("phi", vocab_size=330, bos_token_id=0, eos_token_id=1, pad_token_id=None)
     model, tok = models.load_model(save_checkpoint(hf, tmp_path)), models.load_tokenizer(tmp_path)
-    plain = ev.score_choices(model, tok, ITEMS, fast=False)
-    assert lls(ev.score_choices(model, tok, ITEMS, batch_size=8)) == pytest.approx(lls(plain), abs=1e-5)
+    plain = likelihood.score_choices(model, tok, ITEMS, fast=False)
+    assert lls(likelihood.score_choices(model, tok, ITEMS, batch_size=8)) == pytest.approx(lls(plain), abs=1e-5)
     prompt_ids = [tok.encode(p) for p in PROMPTS]
     expected = hf_greedy(hf, prompt_ids, tok.eos_id, 12, 2)
-    assert ev.generate_ids(model, tok, prompt_ids, 12, no_repeat_ngram_size=2, batch_size=3) == expected
+    assert generation.generate_ids(model, tok, prompt_ids, 12, no_repeat_ngram_size=2, batch_size=3) == expected

@@ -8,6 +8,7 @@ import torch
 
 import data
 import eval as evaluation
+import generation
 import lora
 import losses
 import models
@@ -59,7 +60,7 @@ def test_logits_equal_transformers_on_real_text(ours, hf, data_dir, two_threads)
 def test_greedy_generation_equals_transformers_generate(ours, hf, data_dir, two_threads):
     (model, tok), (hf_model, _) = ours, hf
     prompts = [tok.encode(p) for p in gsm8k_prompts(data_dir, 3)]
-    got = evaluation.generate_ids(model, tok, prompts, max_new_tokens=32, batch_size=3)
+    got = generation.generate_ids(model, tok, prompts, max_new_tokens=32, batch_size=3)
     for prompt, tokens in zip(prompts, got):
         with torch.no_grad():
             out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),

@@ -14,6 +14,8 @@ import checkpoint
 import data
 import eval as ev
 import files
+import generation
+import likelihood
 import lora
 import models
 import muscle
@@ -148,7 +150,7 @@ def test_eval_inputs_longer_than_the_context_are_cut_on_the_left_and_counted(tin
     assert len(tok.encode(context, add_bos=False)) > 16
     items = [data.MultipleChoice("long", context, ["the lid", "the dog"], 0),
              data.MultipleChoice("short", "to open", ["a jar", "the dishes"], 0)]
-    records = ev.score_choices(model, tok, items)
+    records = likelihood.score_choices(model, tok, items)
     assert "note: 1 of 2 items did not fit in 16 tokens" in capsys.readouterr().err
     for item, record in zip(items, records):
         for choice, ll in zip(item.choices, record["loglikelihoods"]):
@@ -157,7 +159,7 @@ def test_eval_inputs_longer_than_the_context_are_cut_on_the_left_and_counted(tin
             expected = loglikelihood(model, whole[-17:-1], whole[len(context_ids):])
             assert ll == pytest.approx(expected, abs=1e-4)
 
-    texts = ev.generate(model, tok, [context, "to open"], max_new_tokens=4)
+    texts = generation.generate(model, tok, [context, "to open"], max_new_tokens=4)
     assert "note: 1 of 2 prompts did not fit in 12 tokens" in capsys.readouterr().err
     for prompt, text in zip([context, "to open"], texts):
         assert text == tok.decode(greedy(model, tok.encode(prompt, add_bos=False)[-12:], 4, tok.eos_id))
