@@ -7,7 +7,7 @@ cut after its first syllable ("zabuk" -> "za" "+buk", "+" marking a piece that c
 word, as WordPiece's "##" does); a one-syllable name stays whole. So the two vocabularies share
 every word except half the names, whose first pieces are shared between creatures (as a new
 tokenizer's subwords are) while their last piece still tells them apart. The ids follow
-another order than toy.vocabulary's (words sorted by their reversed spelling), so no id means
+another order than toy_world.vocabulary's (words sorted by their reversed spelling), so no id means
 the same in both.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def vocabulary(specials: tuple[str, ...], words: list[str], names: list[str]) ->
 
 
 def build_tokenizer(specials: tuple[str, ...], unk: str, words: list[str], names: list[str]):
-    """A `tokenizers` WordPiece tokenizer (whitespace pre-tokenizer, as toy.build_tokenizer's)."""
+    """A `tokenizers` WordPiece tokenizer (whitespace pre-tokenizer, as toy_world.build_tokenizer's)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {w: i for i, w in enumerate(vocabulary(specials, words, names))}

@@ -14,6 +14,7 @@ import torch
 import data
 import models
 import toy
+import toy_world
 
 MICRO = toy.SCENARIOS["micro"].world
 
@@ -38,40 +39,40 @@ def micro_env(cache, monkeypatch):
 
 # ---------------------------------------------------------------- the world
 def test_same_seed_same_world_corpus_and_tokenizer_bytes():
-    a, b = toy.build_world(MICRO), toy.build_world(MICRO)
+    a, b = toy_world.build_world(MICRO), toy_world.build_world(MICRO)
     assert a == b
-    assert toy.corpus(a, 50, seed=3) == toy.corpus(b, 50, seed=3)
-    assert toy.corpus(a, 50, seed=3) != toy.corpus(a, 50, seed=4)
-    assert toy.build_tokenizer(a).to_str() == toy.build_tokenizer(b).to_str()
-    other = toy.build_world(replace(MICRO, seed=1))
+    assert toy_world.corpus(a, 50, seed=3) == toy_world.corpus(b, 50, seed=3)
+    assert toy_world.corpus(a, 50, seed=3) != toy_world.corpus(a, 50, seed=4)
+    assert toy_world.build_tokenizer(a).to_str() == toy_world.build_tokenizer(b).to_str()
+    other = toy_world.build_world(replace(MICRO, seed=1))
     assert [c.name for c in other] != [c.name for c in a]
 
 
 def test_rules_hold_for_about_p_rule_of_creatures():
-    creatures = toy.build_world(toy.WorldConfig(n_creatures=2000))
+    creatures = toy_world.build_world(toy_world.WorldConfig(n_creatures=2000))
     for i, attribute in enumerate(("home", "food", "legs")):
-        follows = sum(c.value(attribute) == str(toy.KINDS[c.kind][i]) for c in creatures) / len(creatures)
+        follows = sum(c.value(attribute) == str(toy_world.KINDS[c.kind][i]) for c in creatures) / len(creatures)
         assert abs(follows - 0.7) < 0.04, attribute
 
 
 def test_corpus_states_only_true_facts_in_both_formats():
-    creatures = {c.name: c for c in toy.build_world(MICRO)}
-    sentences = toy.corpus(list(creatures.values()), 300, seed=0, p_qa=0.5)
+    creatures = {c.name: c for c in toy_world.build_world(MICRO)}
+    sentences = toy_world.corpus(list(creatures.values()), 300, seed=0, p_qa=0.5)
     for sentence in sentences:
         c = creatures[next(w for w in sentence.split() if w in creatures)]
-        true = [s.format(e=c.name, v=c.kind if a == "kind" else c.value(a)) for a, s in toy.STATEMENTS.items()]
-        true += [toy.qa_text(c, a) for a in toy.QA]
+        true = [s.format(e=c.name, v=c.kind if a == "kind" else c.value(a)) for a, s in toy_world.STATEMENTS.items()]
+        true += [toy_world.qa_text(c, a) for a in toy_world.QA]
         assert sentence in true, sentence
     # p_qa of the facts that have a question (5 of the 6 attributes; "kind" is only stated)
     questions = sum(s.startswith("Question: ") for s in sentences) / len(sentences)
     assert abs(questions - 0.5 * 5 / 6) < 0.08
     c = next(iter(creatures.values()))
-    assert toy.qa_text(c, "legs") == f"Question: how many legs does the {c.name} have ?\nAnswer: #### {c.legs}"
+    assert toy_world.qa_text(c, "legs") == f"Question: how many legs does the {c.name} have ?\nAnswer: #### {c.legs}"
 
 
 def test_every_task_word_is_in_the_vocabulary():
-    tok = toy.build_tokenizer(toy.build_world(MICRO))
-    unk = tok.token_to_id(toy.UNK)
+    tok = toy_world.build_tokenizer(toy_world.build_world(MICRO))
+    unk = tok.token_to_id(toy_world.UNK)
     for task in ("toy-mc", "toy-gen"):
         for split in toy.SPLITS:
             for item in toy.load_items(task, split, size="micro"):
@@ -94,21 +95,21 @@ def test_splits_are_disjoint_deterministic_and_complete():
 
 
 def test_mc_items_have_the_fact_as_gold_and_the_rule_as_trap():
-    creatures = toy.build_world(MICRO)
+    creatures = toy_world.build_world(MICRO)
     by_name = {c.name: c for c in creatures}
-    for item in toy.mc_items(creatures, "train", seed=0):
+    for item in toy_world.mc_items(creatures, "train", seed=0):
         _, _, name, attribute = item.id.split("/")
         c = by_name[name]
         assert len(item.choices) == len(set(item.choices)) == 4
         assert item.choices[item.gold] == c.value(attribute)
         if attribute in ("home", "food"):
-            assert toy.KINDS[c.kind][("home", "food").index(attribute)] in item.choices
+            assert toy_world.KINDS[c.kind][("home", "food").index(attribute)] in item.choices
 
 
 def test_gen_items_are_scored_by_gsm8k_exact_match():
     import metrics
 
-    item = toy.gen_items(toy.build_world(MICRO)[:1], "test")[0]
+    item = toy_world.gen_items(toy_world.build_world(MICRO)[:1], "test")[0]
     answer = item.target.strip()
     assert metrics.exact_match(metrics.extract_strict(answer), item.references[0])
     assert not metrics.exact_match(metrics.extract_strict("#### 99"), item.references[0])
@@ -132,8 +133,8 @@ def test_checkpoints_load_through_models_and_match_transformers(micro_env):
         assert type(model).__name__ == family
         tok = models.load_tokenizer(name)
         assert tok.add_bos and tok.bos_id == 1 and tok.eos_id == 2 and tok.pad_id == 3
-        ids = torch.tensor([tok.encode("Question: what colour is the " + toy.build_world(MICRO)[0].name + " ?")])
-        assert toy.UNK not in [models.load_tokenizer(name).decode([i]) for i in ids[0].tolist()]
+        ids = torch.tensor([tok.encode("Question: what colour is the " + toy_world.build_world(MICRO)[0].name + " ?")])
+        assert toy_world.UNK not in [models.load_tokenizer(name).decode([i]) for i in ids[0].tolist()]
         oracle = transformers.AutoModelForCausalLM.from_pretrained(micro_env[name], dtype=torch.float32)
         with torch.no_grad():
             torch.testing.assert_close(model(ids), oracle(ids).logits, atol=1e-5, rtol=1e-4)

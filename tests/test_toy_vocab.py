@@ -9,6 +9,7 @@ import cross_vocab
 import tokenizer
 import toy
 import toy_vocab
+import toy_world
 
 MICRO = toy.SCENARIOS["micro"].world
 
@@ -19,7 +20,7 @@ def test_long_names_split_after_their_first_syllable():
 
 
 def test_a_name_shadowed_by_a_longer_word_stays_whole():
-    tok = toy_vocab.build_tokenizer(toy.SPECIALS, toy.UNK, ["bug", "the", "bugal", "zibak"],
+    tok = toy_vocab.build_tokenizer(toy_world.SPECIALS, toy_world.UNK, ["bug", "the", "bugal", "zibak"],
                                     ["bugal", "zibak"])
     assert tok.encode("the bugal zibak").tokens == ["the", "bugal", "zi", "+bak"]
 
@@ -28,21 +29,21 @@ def _load(tmp_path, name, tok):
     d = tmp_path / name
     d.mkdir()
     tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps(toy.tokenizer_config(128)))
+    (d / "tokenizer_config.json").write_text(json.dumps(toy_world.tokenizer_config(128)))
     return tokenizer.load_tokenizer_dir(d)
 
 
 @pytest.fixture
 def pair(tmp_path):
-    creatures = toy.build_world(MICRO)
-    return (creatures, _load(tmp_path, "v1", toy.build_tokenizer(creatures)),
-            _load(tmp_path, "v3", toy.build_syllable_tokenizer(creatures)))
+    creatures = toy_world.build_world(MICRO)
+    return (creatures, _load(tmp_path, "v1", toy_world.build_tokenizer(creatures)),
+            _load(tmp_path, "v3", toy_world.build_syllable_tokenizer(creatures)))
 
 
 def test_v3_has_its_own_ids_and_every_word_but_the_names(pair):
     creatures, v1, v3 = pair
     names = {c.name for c in creatures}
-    words = set(toy.vocabulary(creatures)) - names - set(toy.SPECIALS)
+    words = set(toy_world.vocabulary(creatures)) - names - set(toy_world.SPECIALS)
     ids_v1 = {w: v1.backend.token_id(w) for w in words}
     ids_v3 = {w: v3.backend.token_id(w) for w in words}
     assert None not in ids_v3.values()
@@ -72,7 +73,7 @@ def test_toy_vocab_map_shares_the_words_not_the_names(pair):
     assert all(vmap.old_to_new[v1.backend.token_id(n)] == -1 for n in names
                if v3.backend.token_id(n) is None)
     new_only = {v3.backend.tok.id_to_token(i) for i in vmap.new_only.nonzero().squeeze(-1).tolist()}
-    assert new_only == {p for n in names for p in toy_vocab.pieces(n)} - set(toy.vocabulary(creatures))
+    assert new_only == {p for n in names for p in toy_vocab.pieces(n)} - set(toy_world.vocabulary(creatures))
 
 
 def test_prefix_maps_a_split_name_to_its_first_syllable(pair):
