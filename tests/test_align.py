@@ -128,7 +128,7 @@ def test_stage3_loss_compares_the_positions_that_predict_the_same_token(bos_pair
     assert got.loss.item() == pytest.approx(expected_loss, rel=1e-5)
 
 
-@pytest.mark.slow  # ~5 s: the whole pipeline on the tiny pair
+@pytest.mark.slow  # the whole pipeline on the tiny pair
 def test_pipeline_runs_a_pair_that_differs_only_in_bos(bos_pair, data_dir, tmp_path):
     out = tmp_path / "run"
     assert train.main(tiny_flags(*bos_pair, data_dir, out)) == 0

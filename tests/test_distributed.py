@@ -22,7 +22,7 @@ def torchrun(*args, nproc=2, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.slow  # ~25 s: the whole pipeline twice, once under torchrun
+@pytest.mark.slow  # the whole pipeline twice, once under torchrun
 def test_two_processes_equal_one_step_by_step(tiny_models, data_dir, tmp_path):
     """Same flags (global batch 4 = 2 rows per rank) on 1 and 2 processes: every stage's losses
     agree step by step, the adapters agree, and the evaluation gives the same predictions.
@@ -51,7 +51,7 @@ def test_two_processes_equal_one_step_by_step(tiny_models, data_dir, tmp_path):
         assert [r["prediction"] for r in records[1]] == [r["prediction"] for r in records[0]]
 
 
-@pytest.mark.slow  # ~10 s: torchrun start-up
+@pytest.mark.slow  # torchrun start-up
 def test_one_failing_rank_stops_all_ranks_promptly(tiny_models, data_dir, tmp_path):
     """Rank 1 raises in its second optimizer step; rank 0 waits in a collective and must not hang."""
     script = tmp_path / "fail_rank1.py"
@@ -110,7 +110,7 @@ def torchrun_on_fake_hub(hub, tmp_path, flags):
     return done, calls
 
 
-@pytest.mark.slow  # ~15 s: torchrun start-up and a step of stage 1
+@pytest.mark.slow  # torchrun start-up and a step of stage 1
 def test_local_rank_0_downloads_once_and_the_other_rank_reads_its_files(tiny_models, data_dir, tmp_path):
     from fake_hub import FakeHub
 
@@ -129,7 +129,7 @@ def test_local_rank_0_downloads_once_and_the_other_rank_reads_its_files(tiny_mod
         assert hub.fetched(repo) == {p.name for p in Path(directory).iterdir()}
 
 
-@pytest.mark.slow  # ~10 s: torchrun start-up
+@pytest.mark.slow  # torchrun start-up
 def test_a_failed_download_ends_every_rank_with_the_same_line(tiny_models, data_dir, tmp_path):
     from fake_hub import FakeHub
 
@@ -165,7 +165,7 @@ def _slow_first_message(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.slow  # ~10 s: two spawned processes, one sleeping 5 s
+@pytest.mark.slow  # two spawned processes, one sleeping 5 s
 def test_ranks_wait_for_a_download_longer_than_the_group_timeout(tmp_path):
     import torch.distributed as dist
     import torch.multiprocessing as mp

@@ -432,7 +432,7 @@ def _sharded_save(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.slow  # ~15 s: two spawned processes import torch.distributed.fsdp
+@pytest.mark.slow  # two spawned processes import torch.distributed.fsdp
 def test_save_under_fsdp2_gathers_shards_and_writes_once(tmp_path):
     # The rendezvous store lives in this process, as torchrun's agent hosts it. Hosted by rank 0, it
     # could vanish while rank 1 was still tearing down its process group: rank 1 then aborted

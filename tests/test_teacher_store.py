@@ -178,7 +178,7 @@ def test_sigkill_during_the_build_then_rerun_gives_the_bytes_of_an_uninterrupted
         assert (clean / rel).read_bytes() == (killed / rel).read_bytes(), rel
 
 
-@pytest.mark.slow  # ~10 s: stages 1-2 of the tiny BOS pair once, stage 3 online and from the store
+@pytest.mark.slow  # stages 1-2 of the tiny BOS pair once, stage 3 online and from the store
 def test_store_of_a_pair_whose_tokenizers_differ_in_bos_gives_the_online_adapter(bos_pair, data_dir,
                                                                                  tmp_path):
     """M1 reads its own tokens in the store's build as it does online (align.py), so with k = V

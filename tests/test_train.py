@@ -241,7 +241,7 @@ def test_stage3_flags_may_change_until_stage3_starts(tmp_path):
         train.check_run_config(out, train_cli.parse_args(flags + ["--teachers", "store", "--top-k", "8"]), Dist())
 
 
-@pytest.mark.slow  # ~5 s: three stages of training and three evaluations
+@pytest.mark.slow  # three stages of training and three evaluations
 def test_all_four_stages_end_to_end_then_skipped(tiny_models, data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(tiny_flags(*tiny_models, data_dir, out)) == 0
@@ -266,7 +266,7 @@ def test_all_four_stages_end_to_end_then_skipped(tiny_models, data_dir, tmp_path
     assert capsys.readouterr().out.count("skipped") == 4
 
 
-@pytest.mark.slow  # ~5 s: stages 1 and 2
+@pytest.mark.slow  # stages 1 and 2
 def test_stage3_on_a_bf16_base_starts_from_a2_exactly(tiny_models, data_dir, tmp_path, monkeypatch):
     """--dtype bfloat16 (the GPU default; here on CPU): stage 3's compat adapter at step 0 equals
     the A2 that stage 2 saved, bit for bit in float32, and the teachers' logits in stage 3 equal
@@ -311,7 +311,7 @@ def run_stage3(tiny_models, data_dir, out, *extra):
                             stderr=subprocess.PIPE)
 
 
-@pytest.mark.slow  # ~30 s: five train.py subprocesses
+@pytest.mark.slow  # five train.py subprocesses
 def test_sigkill_or_sigint_in_stage3_then_rerun_gives_the_uninterrupted_adapter(
         tiny_models, data_dir, tmp_path):
     """SIGKILL: the last checkpoint is intact. SIGINT: a checkpoint, a one-line message, exit
@@ -361,7 +361,7 @@ def test_sigkill_or_sigint_in_stage3_then_rerun_gives_the_uninterrupted_adapter(
 # ------------------------------------------------------------------------- teacher store
 
 
-@pytest.mark.slow  # ~15 s: stages 1-2 once, stage 3 four times
+@pytest.mark.slow  # stages 1-2 once, stage 3 four times
 def test_stage3_from_the_teacher_store(tiny_models, data_dir, tmp_path, monkeypatch):
     """With k = V the store gives the online adapter; M1 is freed before the student trains; a
     run of another mask reuses the store without loading a teacher; a bad shard is one error
