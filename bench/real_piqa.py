@@ -35,7 +35,9 @@ import data  # noqa: E402  (needs the repo root on sys.path, set by common.setup
 import eval as evaluation  # noqa: E402
 import lora  # noqa: E402
 import models  # noqa: E402
-import train as pipeline  # noqa: E402
+import losses  # noqa: E402
+import stage_data  # noqa: E402
+import train_cli  # noqa: E402
 from distributed import Dist  # noqa: E402
 
 CHECKPOINT = Path(os.environ.get("MUSCLE_CACHE", Path.home() / ".cache" / "muscle")) / "smollm2-135m-instruct"
@@ -50,7 +52,7 @@ SETTINGS = {
 }
 
 
-def train(checkpoint: Path, out: Path, flags: list[str]) -> float:
+def run_stage1(checkpoint: Path, out: Path, flags: list[str]) -> float:
     """Run stage 1 into `out` (reused when finished); its best validation loss."""
     done = out / "stage1_task_old" / "DONE"
     if not done.is_file():
@@ -79,12 +81,12 @@ def paired(base: list[int], new: list[int]) -> dict[str, float]:
 
 def base_val_loss(model, checkpoint: Path, flags: list[str]) -> float:
     """The base model's loss on the validation sequences of a setting (stage 1's own split)."""
-    args = pipeline.parse_args(["--old", str(checkpoint), "--new", str(checkpoint), "--data-dir",
+    args = train_cli.parse_args(["--old", str(checkpoint), "--new", str(checkpoint), "--data-dir",
                                 str(DATA_DIR), "--out", "unused", *COMMON, *flags])
-    td = pipeline.task_data(args, 1, Dist())
+    td = stage_data.task_data(args, 1, Dist())
     with torch.no_grad():
-        losses = [pipeline.ce_loss(model)(b) for b in td.val_batches(args.batch_size, Dist())]
-    return sum(r.loss.item() for r in losses) / sum(r.tokens for r in losses)
+        sums = [losses.ce_loss(model)(b) for b in td.val_batches(args.batch_size, Dist())]
+    return sum(r.loss.item() for r in sums) / sum(r.tokens for r in sums)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: dict[str, dict] = {}
     for name in args.settings:
         out = args.runs / name
-        best = train(args.checkpoint, out, SETTINGS[name])
+        best = run_stage1(args.checkpoint, out, SETTINGS[name])
         lora.load_adapter(model, out / "stage1_task_old" / "adapter", name)  # and makes it active
         acc, norm = correct(model, tok, items)
         lora.set_adapter(model, None)
