@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import cli
+import files
+
 NAME = ".lock"
 
 
@@ -66,7 +69,7 @@ def _acquire(directory: Path, flag: str) -> Path:
           "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "started": process_start(os.getpid()),
           "command": " ".join(sys.argv)[:300]}
     tmp = directory / f"{NAME}.{os.getpid()}"
-    tmp.write_text(json.dumps(me) + "\n", encoding="utf-8")
+    files.write_text_atomic(tmp, json.dumps(me) + "\n")  # a full disk: an error naming the file
     try:
         while True:
             try:
@@ -80,8 +83,7 @@ def _acquire(directory: Path, flag: str) -> Path:
                         f"{holder.get('since')} ({path}); wait for that run to end or stop it, or choose "
                         f"another {flag}. If no such process runs any more, delete {path}") from None
                 if holder is not None:
-                    print(f"note: taking over the lock {path} of pid {holder['pid']}, which no longer "
-                          f"runs", file=sys.stderr)
+                    cli.say(f"note: taking over the lock {path} of pid {holder['pid']}, which no longer runs")
                 path.unlink(missing_ok=True)  # stale: retry (another process may win the race)
     finally:
         tmp.unlink(missing_ok=True)

@@ -82,6 +82,18 @@ def test_a_lock_whose_pid_now_names_a_later_process_is_stale(tmp_path, capsys):
         holder.wait()
 
 
+def test_a_full_disk_when_the_lock_is_written_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    def full_disk(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(files, "fsync_file", full_disk)
+    with pytest.raises(files.WriteFailed) as info:
+        with lock.hold(tmp_path / "run"):
+            pass
+    assert str(info.value) == (f"cannot write {tmp_path / 'run' / lock.NAME}.{os.getpid()} (No space left on "
+                               f"device); the file is unchanged: free some space, then rerun")
+    assert os.listdir(tmp_path) == []  # the directory created for the lock is gone again
+
+
 def test_train_on_an_out_in_use_is_refused_then_runs_once_the_holder_is_gone(tiny_models, data_dir, tmp_path,
                                                                               capsys):
     out = tmp_path / "run"
