@@ -72,6 +72,7 @@ def vocab_map(old: Tokenizer, new: Tokenizer, prefix: bool = False) -> torch.Ten
         for i, surface in enumerate(new.surfaces()):
             if surface is not None and _is_byte_piece(pieces[i]) == fallback:
                 new_ids.setdefault(surface, i)
+
     def new_id(surface: bytes | None) -> int:
         if surface is None:
             return -1
@@ -264,9 +265,10 @@ def muscle_loss_cross(h_student: torch.Tensor, h_old: torch.Tensor, h_new: torch
     (eq. 1): where it asks for M1 at an aligned position, the teacher is M1's distribution mapped
     onto the student's vocabulary (`teacher_from_old`); at a position without one (or where none
     of M1's mass maps) the student follows M2, and the LossSum counts it. Masks that read M1 see
-    its mapped distribution at temperature 1. Chunked as `muscle.chunked_sum`: one chunk's
-    student and M2 logits [chunk, V_new] and M1 logits of its aligned positions [<= chunk, V_old]
-    exist at a time.
+    its mapped distribution at temperature 1. With `rule` "uld", T^2 * `sorted_l1` to M1's own
+    distribution replaces the KL where the student follows M1. Chunked as `muscle.chunked_sum`:
+    one chunk's student and M2 logits [chunk, V_new] and M1 logits of its aligned positions
+    [<= chunk, V_old] exist at a time.
     """
     muscle.get_mask(mask)
     if mask in muscle.SEQUENCE_MASKS:
