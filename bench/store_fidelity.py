@@ -25,11 +25,10 @@ common.setup()
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-import models  # noqa: E402  (the repo root is on sys.path after common.setup)
-import stage_data
+import stage_data  # noqa: E402
 import toy_results  # noqa: E402
 import train  # noqa: E402
-import train_cli
+import train_cli  # noqa: E402
 from distributed import Dist  # noqa: E402
 
 
@@ -44,7 +43,7 @@ def one_epoch(seed: int, runs: Path, variant: str, extra: list[str]) -> dict[str
             shutil.copytree(train.stage_dir(shared, stage), train.stage_dir(out, stage))
         args = train_cli.parse_args([f"@{toy_results.ARGS_FILE}", "--seed", str(seed), "--out", str(out),
                                  "--epochs", "1", *extra])
-        td = stage_data.task_data(args, models.load_tokenizer(args.new), Dist())
+        td = stage_data.task_data(args, 3, Dist())
         train.stage_compat(args, Dist(), out, td)
     return load_file(adapter)
 
