@@ -164,8 +164,8 @@ def warn_if_other_base(adapter: str, model_name: str) -> None:
     config = json.loads((Path(adapter) / lora.CONFIG_NAME).read_text(encoding="utf-8"))
     base = config.get("base_model_name_or_path")
     if base and not _same_model(base, model_name):
-        print(f"warning: adapter {adapter} was trained on {base!r}, not on --model {model_name!r}; "
-              f"its predictions on another base mean little", file=sys.stderr)
+        cli.say(f"warning: adapter {adapter} was trained on {base!r}, not on --model {model_name!r}; "
+                f"its predictions on another base mean little")
 
 
 def name_broken(error: likelihood.NonFinite, model: str, adapter: str | None) -> str:
@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> None:
                                f"there is intact: {files.fix_for(e.errno)} or pass another --out, then "
                                f"rerun") from e
     print(json.dumps({"task": spec.name, **summarize(spec.name, records)}))
-    print(f"wrote {len(records)} predictions to {path}", file=sys.stderr)
+    cli.say(f"wrote {len(records)} predictions to {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

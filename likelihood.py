@@ -17,7 +17,6 @@ path (one forward per choice) is kept as the reference it must equal.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -74,8 +73,8 @@ def note_truncated(n: int, total: int, what: str, limit: int) -> None:
     """Say how many inputs were cut on the left to fit the model: a long input is truncated as
     the harness does, never a crash, and never silently."""
     if n:
-        print(f"note: {n} of {total} {what} did not fit in {limit} tokens and lost the start of "
-              f"their context", file=sys.stderr)
+        cli.say(f"note: {n} of {total} {what} did not fit in {limit} tokens and lost the start of "
+                f"their context")
 
 
 def _token_scores(logits: torch.Tensor, targets: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 import checkpoint
+import cli
 import distributed
 import files
 from distributed import Dist
@@ -219,7 +219,7 @@ class Trainer:
 
     def note(self, message: str) -> None:
         if self.env.main:
-            print(message, file=sys.stderr)
+            cli.say(message)
 
     def log(self, record: dict) -> None:
         if self.env.main:
