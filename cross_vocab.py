@@ -47,8 +47,6 @@ from tokenizer import Tokenizer
 
 Span = tuple[int, int]
 CHOICES = ("fill", "renorm", "prefix", "uld")  # how M1's distribution teaches (module docstring)
-# Masks that never read M1's logits (muscle.MASKS), for which the loss skips mapping them twice.
-MASKS_IGNORING_OLD = {"student_correct", "new_only", "none"}
 
 
 # ----------------------------------------------------------------------------------- vocabularies
@@ -287,7 +285,7 @@ def muscle_loss_cross(h_student: torch.Tensor, h_old: torch.Tensor, h_new: torch
             old_teacher, usable, mass = _old_teacher(z_old, ok, p_new, vmap, new_only, rule,
                                                      temperature, real)
             old_logits = new  # what the mask sees of M1, when it reads M1 at all:
-            if mask not in MASKS_IGNORING_OLD:  # its mapped distribution at T = 1, as logits
+            if mask not in muscle.MASKS_IGNORING_OLD:  # its mapped distribution at T = 1, as logits
                 at_one, _, _ = _old_teacher(z_old, ok, torch.softmax(new, dim=-1), vmap, new_only,
                                             rule, 1.0, real)
                 old_logits = torch.where(usable.unsqueeze(-1), at_one.clamp_min(1e-300).log(), new)

@@ -110,6 +110,9 @@ MASKS: dict[str, MaskFn] = {
 # Masks that look at a whole row at once; the chunked loss keeps rows whole for them
 # (all other masks are per position, and the chunked loss packs real tokens from all rows).
 SEQUENCE_MASKS = {"instance_likelihood"}
+# Masks that never read M1's logits: a loss that must first compute or map M1's distribution
+# for the mask (cross_vocab.muscle_loss_cross) skips that work for them.
+MASKS_IGNORING_OLD = {"student_correct", "new_only", "none"}
 
 
 def get_mask(name: str) -> MaskFn:

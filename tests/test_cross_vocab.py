@@ -445,7 +445,7 @@ def test_logits_exist_one_chunk_at_a_time():
     assert out.tokens == 19 and max(rows) == 5 and sum(rows) == 3 * 19
 
 
-@pytest.mark.parametrize("mask", sorted(cross_vocab.MASKS_IGNORING_OLD))
+@pytest.mark.parametrize("mask", sorted(muscle.MASKS_IGNORING_OLD))
 def test_masks_said_to_ignore_the_old_model_do(mask):
     g = torch.Generator().manual_seed(5)
     student, new, old_a, old_b = (torch.randn(2, 6, 7, generator=g) for _ in range(4))
