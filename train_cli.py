@@ -81,7 +81,9 @@ def check_answers_fit(args: argparse.Namespace, items: Sequence, env: Dist) -> N
     tokenizer, none kept whole is an error and some a warning, with the smallest --max-len
     that keeps every answer whole."""
     pairs = [data.training_pair(args.task, it) for it in items]
-    for flag, name in (("--old", args.old), ("--new", args.new)):
+    bases = {args.old: "--old"}
+    bases.setdefault(args.new, "--new")  # one pass per base: --old == --new is read once
+    for name, flag in bases.items():
         tokenizer = models.load_tokenizer(name)
         needed = [data.answer_length(tokenizer, context, target) for context, target in pairs]
         cut = sum(n > args.max_len for n in needed)
