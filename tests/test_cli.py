@@ -11,7 +11,6 @@ import eval as ev
 import models
 import train
 import train_cli
-from conftest import DATA_DIR
 from test_reliability import assert_one_line_error
 from tiny import tiny_flags
 
@@ -95,11 +94,11 @@ def test_short_cuts_the_middle_of_long_values():
     assert len(cut) <= 80 and cut.startswith("'xxx") and cut.endswith("END'") and " ... " in cut
 
 
-def test_an_item_stage_4_cannot_score_stops_the_run_before_stage_1(tiny_models, tmp_path, capsys):
+def test_an_item_stage_4_cannot_score_stops_the_run_before_stage_1(tiny_models, data_dir, tmp_path, capsys):
     """A test item whose answer is longer than the model's context would end stage 4 after
     three trained stages; it is found before stage 1, and nothing is created."""
-    data_dir = tmp_path / "data"
-    shutil.copytree(DATA_DIR / "piqa", data_dir / "piqa")
+    real, data_dir = data_dir, tmp_path / "data"
+    shutil.copytree(real / "piqa", data_dir / "piqa")
     valid = data_dir / "piqa" / "valid.jsonl"
     lines = valid.read_text().splitlines()
     record = json.loads(lines[3])

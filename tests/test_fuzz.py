@@ -12,7 +12,6 @@ import eval as ev
 import lora
 import models
 import train
-from conftest import DATA_DIR
 from tiny import make_checkpoint, tiny_flags
 
 
@@ -71,20 +70,20 @@ TASKS = {"gsm8k": "gsm8k", "samsum": "samsum"}
 
 
 @pytest.fixture(scope="module")
-def originals(tiny_models, tmp_path_factory):
+def originals(tiny_models, data_dir, tmp_path_factory):
     """A model, an adapter for it, the PIQA files, two predictions files and a run directory."""
     root = tmp_path_factory.mktemp("originals")
     model = models.load_model(tiny_models[0])
     lora.add_adapter(model, "task", rank=2, alpha=4)
     lora.save_adapter(model, root / "adapter", "task", base_model_name_or_path=tiny_models[0])
-    shutil.copytree(DATA_DIR / "piqa", root / "data" / "piqa")
+    shutil.copytree(data_dir / "piqa", root / "data" / "piqa")
     rows = [{"id": f"q{i}", "task": "piqa", "prediction": 0, "correct": True, "score": 1.0} for i in range(3)]
     for name in ("old.jsonl", "new.jsonl"):
         (root / "predictions").mkdir(exist_ok=True)
         (root / "predictions" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     for task, name in (("gsm8k", "test.jsonl"), ("samsum", "test.json")):
         (root / task / task).mkdir(parents=True)
-        shutil.copy(DATA_DIR / task / name, root / task / task / name)
+        shutil.copy(data_dir / task / name, root / task / task / name)
     shutil.copytree(tiny_models[0], root / "index")
     names = list(load_file(root / "index" / "model.safetensors"))
     (root / "index" / "model.safetensors.index.json").write_text(json.dumps(
