@@ -11,7 +11,8 @@ GSM8K one line per filter ("strict-match", "flexible-extract").
 Each document becomes one record in the shape predictions.py reads: `id` (the doc_id), `task`
 (from the file name), `prediction` (the choice of highest log-likelihood, or the generated
 text), `outputs` (the prediction under another metric: acc_norm's choice), `gold`, `prompt`,
-`loglikelihoods` (multiple choice), `doc_hash`, `line` (of its first line in the file) and `metrics`, keyed "metric,filter" as the harness's results file names them
+`choices` and `loglikelihoods` (multiple choice), `doc_hash`, `line` (of its first line in the
+file) and `metrics`, keyed "metric,filter" as the harness's results file names them
 ("acc,none", "exact_match,strict-match").
 """
 from __future__ import annotations
@@ -84,9 +85,10 @@ def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
-def _choice_lengths(sample: dict) -> list[int] | None:
-    """Characters of each choice, as acc_norm divides by: the continuation without the harness's
-    default target delimiter " "; None when the arguments are not (context, continuation) pairs."""
+def _choices(sample: dict) -> list[str] | None:
+    """The choices' texts: each request's continuation without the harness's default target
+    delimiter " " (acc_norm divides a choice's log-likelihood by its text's length in characters);
+    None when the arguments are not (context, continuation) pairs."""
     arguments = sample["arguments"]
     if not isinstance(arguments, dict):
         return None
@@ -94,7 +96,7 @@ def _choice_lengths(sample: dict) -> list[int] | None:
                      if isinstance(arguments[k], dict)]
     if not continuations or not all(isinstance(c, str) and c for c in continuations):
         return None
-    return [max(len(c.removeprefix(" ")), 1) for c in continuations]
+    return [c.removeprefix(" ") for c in continuations]
 
 
 def _prompt(sample: dict) -> str | None:
@@ -116,9 +118,10 @@ def _record(sample: dict, task: str | None, line: int, where: str) -> dict:
         lls = _loglikelihoods(sample, where)
         record["loglikelihoods"] = lls
         record["prediction"] = _argmax(lls)
-        lengths = _choice_lengths(sample)
-        if lengths and len(lengths) == len(lls):
-            record["outputs"] = {"acc_norm,none": _argmax([ll / n for ll, n in zip(lls, lengths)])}
+        choices = _choices(sample)
+        if choices and len(choices) == len(lls):
+            record["choices"] = choices
+            record["outputs"] = {"acc_norm,none": _argmax([ll / max(len(c), 1) for ll, c in zip(lls, choices)])}
     else:
         record["prediction"] = _generated_text(sample, where)
     return record

@@ -246,7 +246,7 @@ def choice_record(item: Any, scores: Sequence[tuple[float, bool]]) -> dict[str, 
     return {
         "prediction": pred, "correct": pred == item.gold, "score": float(pred == item.gold),
         "gold": item.gold, "loglikelihoods": lls, "is_greedy": [g for _, g in scores],
-        "acc_norm_prediction": pred_norm, "correct_norm": pred_norm == item.gold,
+        "acc_norm_prediction": pred_norm, "correct_norm": pred_norm == item.gold, "choices": list(item.choices),
     }
 
 

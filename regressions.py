@@ -1,15 +1,16 @@
 """The regressed instances of a model update, worst first: what a user of the old model will notice.
 
 Discrete metrics: the negative flips (old right, new wrong), each with the prompt, the gold
-answer, both predictions and both models' per-choice log-likelihoods where the records have
-them (the paper's Fig. 1 is one such row). They rank by the new model's margin for its wrong
-answer, log p(its choice) - log p(gold), so confident mistakes come first. Continuous scores:
+answer, both predictions, the choices' texts and both models' per-choice log-likelihoods where
+the records have them (the paper's Fig. 1 is one such row). They rank by the new model's margin
+for its wrong answer, log p(its choice) - log p(gold), so confident mistakes come first. Continuous scores:
 every instance whose score fell, largest drop first. All rows go to regressions.jsonl; the report
 shows the first few of each pair. No torch.
 """
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Sequence
 
 CELL = 60  # characters of a prompt or a prediction shown in a table cell
@@ -27,6 +28,9 @@ def _row(pair: str, role: str, old: dict, other: dict) -> dict[str, Any]:
     row = {"pair": pair, "model": role, "id": old["id"], "prompt": old.get("prompt") or other.get("prompt"),
            "gold": old.get("gold", old.get("reference")), "old_prediction": old["prediction"],
            "model_prediction": other["prediction"]}
+    choices = old.get("choices") or other.get("choices")
+    if isinstance(choices, list) and all(isinstance(c, str) for c in choices):
+        row["choices"] = choices
     for who, record in (("old", old), ("model", other)):
         if "loglikelihoods" in record:
             row[f"{who}_loglikelihoods"] = record["loglikelihoods"]
@@ -69,6 +73,18 @@ def _cell(value: Any) -> str:
     return text if len(text) <= CELL else text[:CELL - 3] + "..."
 
 
+def _answer(row: dict, key: str) -> Any:
+    """A choice index with the choice's text ("1: ...freeze it."), after the words every choice
+    starts with, so that choices which differ only near their end (PIQA's solutions) show where
+    they differ; the value as it is for generated text or records without the choices' texts."""
+    index, choices = row[key], row.get("choices")
+    if not (choices and isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(choices)):
+        return index
+    shared = os.path.commonprefix(choices)
+    cut = shared.rfind(" ") + 1 if len(choices) > 1 else 0
+    return f"{index}: {'...' if cut else ''}{choices[index][cut:]}"
+
+
 def table(rows: Sequence[dict], pair: str, show: int) -> list[str]:
     """Markdown lines for the first `show` regressions of one pair (none: nothing)."""
     chosen = [r for r in rows if r["pair"] == pair]
@@ -83,7 +99,7 @@ def table(rows: Sequence[dict], pair: str, show: int) -> list[str]:
     lines = [f"Worst regressions {pair} ({min(show, len(chosen))} of {len(chosen)}; all in regressions.jsonl)", "",
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in chosen[:show]:
-        cells = [r["id"], r["prompt"], r["gold"], r["old_prediction"], r["model_prediction"]]
+        cells = [r["id"], r["prompt"], *(_answer(r, key) for key in ("gold", "old_prediction", "model_prediction"))]
         if continuous:
             cells += [f"{100 * r['old_score']:.2f}", f"{100 * r['model_score']:.2f}", f"{100 * r['delta']:+.2f}"]
         if has_lls:

@@ -121,6 +121,7 @@ def test_loglikelihoods_equal_transformers(setup, add_bos, max_length):
         norm = [ll / len(c) for ll, c in zip(lls, item.choices)]
         assert record["acc_norm_prediction"] == norm.index(max(norm))
         assert record["correct"] == (record["prediction"] == item.gold) and record["gold"] == item.gold
+        assert record["choices"] == item.choices  # the regressions table shows them
 
 
 def test_bos_flag_changes_the_tokens(setup):

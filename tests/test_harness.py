@@ -24,6 +24,7 @@ import eval as ev
 import harness
 import models
 import predictions
+import regressions
 
 N_CHOICE, N_GEN = 16, 4
 
@@ -154,6 +155,7 @@ def test_records_reproduce_the_harness_results(runs):
     rows, labels = _piqa_items()
     piqa = predictions.read_run(runs["samples"][0, "piqa"])
     assert [r["gold"] for r in piqa] == [int(label) for label in labels]
+    assert [r["choices"] for r in piqa] == [[row["sol1"], row["sol2"]] for row in rows]
     assert all(r["prompt"] == f"Question: {row['goal']}\nAnswer:" for r, row in zip(piqa, rows))
     assert all((r["prediction"] == r["gold"]) == (r["metrics"]["acc,none"] == 1.0) for r in piqa)
 
@@ -178,10 +180,19 @@ def test_compare_two_harness_files(runs, tmp_path, capsys):
     flips = [json.loads(line) for line in (tmp_path / "regressions.jsonl").read_text().splitlines()]
     assert len(flips) == round(nfr * N_CHOICE)
     by_id = {r["id"]: r for r in records[1]}
+    docs = _piqa_items()[0]  # the doc_id is the item's position
     for flip in flips:  # the new model's margin for its wrong answer, from the harness's log-likelihoods
         lls = by_id[flip["id"]]["loglikelihoods"]
         assert flip["margin"] == pytest.approx(lls[flip["model_prediction"]] - lls[flip["gold"]]) and flip["margin"] > 0
         assert flip["prompt"].startswith("Question: ") and flip["old_prediction"] == flip["gold"]
+        assert flip["choices"] == [docs[flip["id"]][key] for key in ("sol1", "sol2")]
+    cells = regressions.table(flips, "old->new", show=1)[4].split(" | ")  # the worst flip's row
+    worst, texts = flips[0], []
+    for cell, index in ((cells[2], worst["gold"]), (cells[4], worst["model_prediction"])):
+        assert cell.startswith(f"{index}: ")  # "1: ...jeans material, you will..." (the text where it differs)
+        texts.append(cell.removeprefix(f"{index}: ").removeprefix("...").removesuffix("..."))
+        assert texts[-1] and texts[-1] in worst["choices"][index]
+    assert texts[0] != texts[1]
     assert [f["margin"] for f in flips] == sorted((f["margin"] for f in flips), reverse=True)
     assert compare.main([str(old), str(new), "--metric", "acc_norm"]) == 0
     assert f"| new | {100 * report['other_metrics']['acc_norm,none']['accuracy']['new']:.2f} |  | {100 * nfr_norm:.2f} |" \

@@ -141,6 +141,21 @@ def test_negative_flips_rank_by_the_new_models_margin_and_show_limits_the_table(
     assert flips[0]["prompt"] == "Question 4: which one?\nAnswer:" and flips[0]["model_loglikelihoods"] == new_lls[4]
 
 
+def test_regressions_show_the_choices_texts_where_the_records_have_them(tmp_path, capsys):
+    # PIQA-like choices that differ only after a shared start: the cells show where they differ.
+    choices = [[f"Put the pan on the stove and {end} it." for end in ("heat", "freeze", "paint", "sell")]] * 8
+    old, new = choice_records(OLD), choice_records(NEW)
+    for row, texts in zip(old, choices):
+        row["choices"] = texts
+    files = [write_jsonl(tmp_path / "old.jsonl", old), write_jsonl(tmp_path / "new.jsonl", new)]
+    assert compare.main([*files, "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out  # q4: gold 1, old 1, new 2; the new file has no choices: old's are used
+    assert "| q4 | Question 4: which one? Answer: | 1: ...freeze it. | 1: ...freeze it. | 2: ...paint it. |" in printed
+    flips = [json.loads(line) for line in (tmp_path / "out" / "regressions.jsonl").read_text().splitlines()]
+    assert [f["choices"] for f in flips] == [choices[2], choices[4]]
+    assert (flips[1]["gold"], flips[1]["model_prediction"]) == (1, 2)  # indices kept beside the texts
+
+
 def test_regressions_table_names_the_compared_model_in_its_columns():
     row = {"pair": "old->compat", "id": "q1", "prompt": "p", "gold": 0, "old_prediction": 0,
            "model_prediction": 1, "old_loglikelihoods": [-1.0, -2.0], "model_loglikelihoods": [-2.0, -1.0],
