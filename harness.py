@@ -4,16 +4,17 @@ The harness (0.4.x) writes one `samples_<task>_<date>.jsonl` per task, one line 
 and filter: `doc_id` (the document's position in the evaluated split), `doc`, `target`,
 `arguments` (`gen_args_<i>` -> `arg_0` the context, `arg_1` the continuation or the generation
 settings), `resps` and `filtered_resps` (every value turned into a string), `filter`, `metrics`
-(the names of the metrics computed), one numeric field per metric, and `doc_hash` (SHA-256 of
-the document as JSON). Multiple-choice tasks have one filter, "none"; generation tasks such as
+(the names of the metrics computed), one field per metric (a number, or for a metric aggregated
+over the corpus the sample's inputs to it), and `doc_hash` (SHA-256 of the document as JSON). Multiple-choice tasks have one filter, "none"; generation tasks such as
 GSM8K one line per filter ("strict-match", "flexible-extract").
 
 Each document becomes one record in the shape predictions.py reads: `id` (the doc_id), `task`
 (from the file name), `prediction` (the choice of highest log-likelihood, or the generated
 text), `outputs` (the prediction under another metric: acc_norm's choice), `gold`, `prompt`,
 `choices` and `loglikelihoods` (multiple choice), `doc_hash`, `line` (of its first line in the
-file) and `metrics`, keyed "metric,filter" as the harness's results file names them
-("acc,none", "exact_match,strict-match").
+file), `metrics`, keyed "metric,filter" as the harness's results file names them
+("acc,none", "exact_match,strict-match"), and `corpus_metrics`, the keys of the metrics that
+have no per-sample value (bleu: the harness computes it over the whole corpus).
 """
 from __future__ import annotations
 
@@ -52,8 +53,16 @@ def _check_line(sample: Any, where: str) -> None:
         raise ValueError(f"{where}: doc_id must be an integer, got {sample['doc_id']!r}; {HOW}")
     for name in sample["metrics"]:
         value = sample.get(name)
+        if _is_corpus_level(value):
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{where}: metric {name!r} should be a finite number, got {value!r}; {HOW}")
+            raise ValueError(f"{where}: metric {name!r} should be a finite number, got {value!r:.80}; {HOW}")
+
+
+def _is_corpus_level(value: Any) -> bool:
+    """A metric the harness aggregates over the whole corpus (bleu, chrf, ter, f1, mcc, ...) logs
+    each sample's inputs to it, such as the (reference, prediction) pair, instead of a score."""
+    return isinstance(value, list)
 
 
 def _is_choice_line(sample: dict) -> bool:
@@ -113,7 +122,7 @@ def _record(sample: dict, task: str | None, line: int, where: str) -> dict:
     """The record of one document from its first sample line."""
     record: dict[str, Any] = {"id": sample["doc_id"], "task": task, "gold": _gold(str(sample["target"])),
                               "prompt": _prompt(sample), "doc_hash": sample["doc_hash"], "line": line,
-                              "metrics": {}}
+                              "metrics": {}, "corpus_metrics": []}
     if _is_choice_line(sample):
         lls = _loglikelihoods(sample, where)
         record["loglikelihoods"] = lls
@@ -149,5 +158,8 @@ def read_samples(path: Path, lines: list[tuple[int, Any]]) -> list[dict]:
                              f"{record['line']} has {record['doc_hash'][:12]}...: two documents share an id; "
                              "keep one run's lines")
         for name in sample["metrics"]:
-            record["metrics"][f"{name},{key[1]}"] = float(sample[name])
+            if _is_corpus_level(sample[name]):
+                record["corpus_metrics"].append(f"{name},{key[1]}")
+            else:
+                record["metrics"][f"{name},{key[1]}"] = float(sample[name])
     return list(records.values())

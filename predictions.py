@@ -118,12 +118,19 @@ def resolve_metric(records: Sequence[dict], metric: str | None, name: str) -> st
     """The full "metric,filter" key that `metric` names in the first record (None: its first metric;
     "acc": the first filter that has acc)."""
     available = list(metric_values(records[0]))
+    corpus = records[0].get("corpus_metrics", [])
     where = f"{name}, line {records[0]['line']}" if "line" in records[0] else name
     if not available:
-        raise ValueError(f"{where}: the record has no numeric metric (no boolean `correct`, no `score`)")
+        only = f"; only metrics computed over the whole corpus ({', '.join(corpus)})" if corpus else ""
+        raise ValueError(f"{where}: the record has no per-instance numeric metric (no boolean `correct`, "
+                         f"no `score`{only}), so there is nothing to compare instance by instance")
     if metric is None:
         return available[0]
     matches = [key for key in available if key == metric or key.split(",")[0] == metric]
+    if not matches and any(key == metric or key.split(",")[0] == metric for key in corpus):
+        raise ValueError(f"{where}: metric {metric!r} is computed over the whole corpus (each sample logs its "
+                         "inputs to it, not a score), so no instance has a value of its own; pass --metric "
+                         f"with one of {', '.join(available)}")
     if not matches:
         raise ValueError(f"{where}: no metric {metric!r} in the records (they have {', '.join(available)}); "
                          "pass --metric with one of those")

@@ -1,8 +1,9 @@
 """harness.py and `compare` on sample files written by lm-evaluation-harness itself.
 
 Once per session the harness CLI (`lm_eval --log_samples`) runs offline on two tiny random Llama
-checkpoints, over local task files made of real PIQA and GSM8K items: a multiple-choice task
-(acc, acc_norm) and a generation task with GSM8K's two filters. The oracles are the harness's
+checkpoints, over local task files made of real PIQA, GSM8K and SAMSum items: a multiple-choice
+task (acc, acc_norm), a generation task with GSM8K's two filters and a summarisation task with a
+continuous per-sample metric and a corpus-level one (BLEU). The oracles are the harness's
 own per-sample metrics and its aggregated results file, and eval.py's log-likelihoods of the same
 model (a mixed comparison must give the numbers of the harness-only one).
 """
@@ -26,7 +27,7 @@ import models
 import predictions
 import regressions
 
-N_CHOICE, N_GEN = 16, 4
+N_CHOICE, N_GEN, N_SUMM = 16, 4, 8
 
 PIQA_YAML = """task: piqa
 dataset_path: json
@@ -76,6 +77,39 @@ filter_list:
       - function: "take_first"
 """
 
+# A summarisation task scored per sample by a continuous metric of its own (process_results, as
+# many harness tasks do) and by BLEU, which the harness computes over the whole corpus: its
+# per-sample field is the (reference, prediction) pair, not a number.
+SUMM_YAML = """task: summ
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+output_type: generate_until
+test_split: test
+doc_to_text: "Dialogue: {{{{dialogue}}}}\\nSummary:"
+doc_to_target: "{{{{summary}}}}"
+process_results: !function summ_metrics.process_results
+metric_list:
+  - metric: similarity
+    aggregation: mean
+    higher_is_better: true
+  - metric: bleu
+    aggregation: bleu
+    higher_is_better: true
+generation_kwargs:
+  until: ["\\n"]
+  do_sample: false
+  max_gen_toks: 8
+"""
+SUMM_METRICS = """import difflib
+
+
+def process_results(doc, results):
+    return {"similarity": difflib.SequenceMatcher(None, doc["summary"], results[0]).ratio(),
+            "bleu": (doc["summary"], results[0])}
+"""
+
 
 def _piqa_items():
     """PIQA validation items whose two solutions have about the same length, so that two random
@@ -100,6 +134,11 @@ def _write_tasks(root: Path) -> Path:
     (tasks / "gsm8k.jsonl").write_text("\n".join(gsm8k) + "\n")
     (tasks / "piqa.yaml").write_text(PIQA_YAML.format(path=tasks / "piqa.jsonl"))
     (tasks / "gsm8k.yaml").write_text(GSM8K_YAML.format(path=tasks / "gsm8k.jsonl"))
+    dialogues = json.loads((DATA_DIR / "samsum" / "test.json").read_text())[:N_SUMM]
+    (tasks / "summ.jsonl").write_text("".join(json.dumps({"dialogue": d["dialogue"], "summary": d["summary"]}) + "\n"
+                                              for d in dialogues))
+    (tasks / "summ.yaml").write_text(SUMM_YAML.format(path=tasks / "summ.jsonl"))
+    (tasks / "summ_metrics.py").write_text(SUMM_METRICS)
     return tasks
 
 
@@ -129,7 +168,7 @@ def runs(tmp_path_factory):
         save_checkpoint(hf, path)
         dirs.append(path)
         command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                   f"pretrained={path},dtype=float32", "--tasks", "piqa,gsm8k", "--include_path", str(tasks),
+                   f"pretrained={path},dtype=float32", "--tasks", "piqa,gsm8k,summ", "--include_path", str(tasks),
                    "--output_path", str(root / f"out{seed}"), "--log_samples", "--device", "cpu",
                    "--batch_size", "4"]
         jobs.append(subprocess.Popen(command, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -208,6 +247,23 @@ def test_gsm8k_filters_are_metrics(runs, tmp_path):
     texts = [r["prediction"] for r in predictions.read_run(old)]
     lines = [json.loads(line) for line in old.read_text().splitlines()]
     assert texts == [line["resps"][0][0] for line in lines if line["filter"] == "strict-match"]
+
+
+def test_a_continuous_harness_metric_gives_the_continuous_report(runs, tmp_path, capsys):
+    old, new = runs["samples"][0, "summ"], runs["samples"][1, "summ"]
+    scores = [[json.loads(line)["similarity"] for line in f.read_text().splitlines()] for f in (old, new)]
+    drops = sorted(b - a for a, b in zip(*scores) if b < a)
+    assert drops, "the two random models should differ"
+    result = compare.build({"old": str(old), "new": str(new)}, None)
+    assert (result["kind"], result["metric"], result["n"]) == ("continuous", "similarity,none", N_SUMM)
+    for role, seed in (("old", 0), ("new", 1)):
+        assert result["models"][role]["mean_score"] == pytest.approx(runs["results"][seed]["results"]["summ"]["similarity,none"])
+    assert result["pairs"]["old->new"]["regression_rate"] == len(drops) / N_SUMM
+    assert [row["delta"] for row in result["regressions"]] == pytest.approx(drops)
+    # BLEU is aggregated over the corpus: no instance has a BLEU of its own to compare.
+    assert (f"old ({old}), line 1: metric 'bleu' is computed over the whole corpus (each sample logs its "
+            "inputs to it, not a score), so no instance has a value of its own; pass --metric with one of "
+            "similarity,none") in _error([old, new, "--metric", "bleu"], capsys)
 
 
 def test_eval_records_and_harness_samples_mix(runs, tmp_path):
