@@ -29,29 +29,23 @@ import regressions
 
 N_CHOICE, N_GEN, N_SUMM = 16, 4, 8
 
-PIQA_YAML = """task: piqa
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {path}
-output_type: multiple_choice
-validation_split: validation
-doc_to_text: "Question: {{{{goal}}}}\\nAnswer:"
+
+def _task_yaml(task: str, split: str, output_type: str, body: str) -> str:
+    """A harness task YAML over the local JSON Lines file {path} (filled in by _write_tasks)."""
+    head = (f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    {split}: {{path}}\n"
+            f"output_type: {output_type}\n{split}_split: {split}\n")
+    return head + body
+
+
+PIQA_YAML = _task_yaml("piqa", "validation", "multiple_choice", """doc_to_text: "Question: {{{{goal}}}}\\nAnswer:"
 doc_to_target: label
 doc_to_choice: "{{{{[sol1, sol2]}}}}"
 metric_list:
   - metric: acc
   - metric: acc_norm
-"""
+""")
 # GSM8K's harness task (gsm8k.yaml) with 8 new tokens instead of 256, to keep the test fast.
-GSM8K_YAML = """task: gsm8k
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-output_type: generate_until
-test_split: test
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+GSM8K_YAML = _task_yaml("gsm8k", "test", "generate_until", """doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
 doc_to_target: "{{{{answer}}}}"
 metric_list:
   - metric: exact_match
@@ -75,19 +69,12 @@ filter_list:
         group_select: -1
         regex_pattern: "(-?[$0-9.,]{{2,}})|(-?[0-9]+)"
       - function: "take_first"
-"""
+""")
 
 # A summarisation task scored per sample by a continuous metric of its own (process_results, as
 # many harness tasks do) and by BLEU, which the harness computes over the whole corpus: its
 # per-sample field is the (reference, prediction) pair, not a number.
-SUMM_YAML = """task: summ
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-output_type: generate_until
-test_split: test
-doc_to_text: "Dialogue: {{{{dialogue}}}}\\nSummary:"
+SUMM_YAML = _task_yaml("summ", "test", "generate_until", """doc_to_text: "Dialogue: {{{{dialogue}}}}\\nSummary:"
 doc_to_target: "{{{{summary}}}}"
 process_results: !function summ_metrics.process_results
 metric_list:
@@ -101,7 +88,7 @@ generation_kwargs:
   until: ["\\n"]
   do_sample: false
   max_gen_toks: 8
-"""
+""")
 SUMM_METRICS = """import difflib
 
 
