@@ -5,7 +5,8 @@ whole toy pipeline under torchrun; the figures go into bench/RESULTS.md with the
     bash bench/gpu_check.sh --dry-run    # every part on the CPU on tiny shapes (the test suite)
 
 Parts, each passing or failing on its own (the exit status is 1 when one fails, and the last line
-names it; what finished is written after each part, so a stopped run keeps it):
+names it; what finished is written after each part, so a stopped run keeps it). The check stops
+itself after LIMIT_S seconds, naming the part it stopped, inside bench/gpu_check.sh's 10 minutes:
 - forward: llama.py and phi.py in bf16 against fp32 on the same random weights (max |logit error|
   and top-1 agreement on random token ids), next to transformers in bf16 against the same
   reference; a right-padded batch through SDPA's causal path (FlashAttention on GPU) next to the
@@ -27,6 +28,7 @@ import gc
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+import cli
 from bench import common, gpu_train
 
 TOP1_SLACK, ERROR_SLACK, ERROR_FLOOR, FP32_PARITY = 0.01, 1.5, 1e-2, 1e-3
@@ -59,13 +62,26 @@ FORWARD_BATCH = {"gpu": (4, 256), "dry": (4, 16)}
 STEP_FLAGS = {"gpu": ["--shape", "1b", "--batch-size", "4", "--seq-len", "512", "--steps", "5"],
               "dry": ["--shape", "tiny", "--batch-size", "2", "--seq-len", "16", "--steps", "1"]}
 STEPS = [("task", "ours"), ("task", "peft"), ("compat", "ours")]
-PIPELINE_TIMEOUT_S = {"gpu": 420, "dry": 180}
+# bench/gpu_check.sh ends the process at 600 s; stopping here first leaves the time to end a running
+# torchrun (it gives its workers 30 s) and write the results, and names the part that was running.
+LIMIT_S = 540
+STOP_WAIT_S = 40
 # The dry run shrinks the toy pipeline as the suite's end-to-end test does.
 DRY_PIPELINE_FLAGS = ["--epochs", "1", "--limit-train", "40", "--limit-eval", "30", "--rank", "2"]
 
 
 class CheckFailed(Exception):
     """A part ran but its numbers are out of bounds; the message says which and by how much."""
+
+
+class Stopped(BaseException):
+    """The time limit (or a SIGTERM) fell during a part. Not an Exception, so no handler inside
+    a part takes it for the part's own error."""
+
+
+def stop_check(signum: int, frame) -> None:
+    raise Stopped(f"the check reached its {LIMIT_S} s limit during this part" if signum == signal.SIGALRM
+                  else f"{signal.Signals(signum).name} during this part")
 
 
 # ------------------------------------------------------------------------------------ forward
@@ -213,15 +229,14 @@ def part_pipeline(size: str, device: torch.device, env) -> str:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone",
                "train.py", *flags]
         start = time.perf_counter()
-        done = subprocess.run(cmd, cwd=common.ROOT, env=child_env, capture_output=True, text=True,
-                              timeout=PIPELINE_TIMEOUT_S[size])
+        returncode, stderr = run_torchrun(cmd, child_env)
         seconds = time.perf_counter() - start
         report_file = out / "stage4_eval" / "report.json"
-        if done.returncode != 0 or not report_file.is_file():
-            lines = done.stderr.strip().splitlines() or ["(no output)"]
+        if returncode != 0 or not report_file.is_file():
+            lines = stderr.strip().splitlines() or ["(no output)"]
             reason = next((line for line in reversed(lines) if line.startswith("error:")), lines[-1])
-            raise CheckFailed(f"train.py under torchrun exited {done.returncode}: {reason}",
-                              f"`{' '.join(cmd[1:])}` failed:\n\n```\n{done.stderr[-2000:]}\n```")
+            raise CheckFailed(f"train.py under torchrun exited {returncode}: {reason}",
+                              f"`{' '.join(cmd[1:])}` failed:\n\n```\n{stderr[-2000:]}\n```")
         report = json.loads(report_file.read_text())
     acc = {role: report["models"][role]["accuracy"] * 100 for role in ("old", "new", "compat")}
     nfr = {pair: report["pairs"][pair]["nfr"] * 100 for pair in ("old->new", "old->compat")}
@@ -229,6 +244,25 @@ def part_pipeline(size: str, device: torch.device, env) -> str:
             f"exit 0 in {seconds:.0f} s, report written. Accuracy M1 / M2 / Mc: {acc['old']:.2f} / {acc['new']:.2f} / "
             f"{acc['compat']:.2f}; NFR(M1, M2) {nfr['old->new']:.2f}, NFR(M1, Mc) {nfr['old->compat']:.2f} (percent, "
             f"{report['n']} items).")
+
+
+def run_torchrun(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """(exit status, stderr) of torchrun. Stopped meanwhile, it gets SIGTERM, so that it ends its
+    workers: they run in sessions of their own, and a SIGKILL to torchrun would leave them
+    running (on the GPU). SIGKILL only if it has not ended after STOP_WAIT_S."""
+    proc = subprocess.Popen(cmd, cwd=common.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        stderr = proc.communicate()[1]
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    return proc.returncode, stderr
 
 
 # ------------------------------------------------------------------------------------ running
@@ -255,6 +289,35 @@ def record(results: dict[str, tuple[bool, str]], parts: list[str], dry_run: bool
         common.write_section("gpu_check", "GPU self-check (bench/gpu_check.sh)", "\n\n".join(body), path)
 
 
+def run_parts(parts: list[str], size: str, device: torch.device, env,
+              write: Callable[[dict[str, tuple[bool, str]]], None]) -> list[str]:
+    """Run `parts` in turn, writing the results after each; the failed ones with their reasons.
+    A part stopped by the time limit is the last one run."""
+    results: dict[str, tuple[bool, str]] = {}
+    failed = []
+    for name in parts:
+        print(f"gpu_check: {name} ...", flush=True)
+        stopped = False
+        try:
+            results[name] = (True, PARTS[name](size, device, env))
+        except CheckFailed as e:
+            results[name] = (False, e.args[1])
+            failed.append(f"{name} ({e.args[0]})")
+        except Stopped as e:
+            results[name] = (False, f"stopped: {e}")
+            failed.append(f"{name} (stopped: {e})")
+            stopped = True
+        except Exception as e:  # an error in one part must not hide the others' results
+            traceback.print_exc()
+            results[name] = (False, f"error: `{type(e).__name__}: {e}`")
+            failed.append(f"{name} ({type(e).__name__}: {e})")
+        write(results)
+        print(f"gpu_check: {name} {'passed' if results[name][0] else 'FAILED'}", flush=True)
+        if stopped:
+            break
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -265,36 +328,27 @@ def main(argv: list[str] | None = None) -> int:
                         "nothing in a dry run")
     args = p.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
-        print("error: torch sees no CUDA device (torch.cuda.is_available() is False): install the CUDA "
-              "build of torch (README, Set-up) or pass --dry-run to check the script on the CPU", file=sys.stderr)
-        return 2
+        return cli.fail("torch sees no CUDA device (torch.cuda.is_available() is False): install the CUDA "
+                        "build of torch (README, Set-up) or pass --dry-run to check the script on the CPU")
+    handlers = {s: signal.signal(s, stop_check) for s in (signal.SIGALRM, signal.SIGTERM)}
+    signal.alarm(LIMIT_S)
     common.setup()
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references stay fp32
     size, device = ("dry", torch.device("cpu")) if args.dry_run else ("gpu", torch.device("cuda"))
     results_path = args.results or (None if args.dry_run else common.RESULTS)
     import distributed
 
-    env = distributed.setup(device.type)
-    results: dict[str, tuple[bool, str]] = {}
-    failed = []
     try:
-        for name in args.parts:
-            print(f"gpu_check: {name} ...", flush=True)
-            try:
-                results[name] = (True, PARTS[name](size, device, env))
-            except CheckFailed as e:
-                results[name] = (False, e.args[1])
-                failed.append(f"{name} ({e.args[0]})")
-            except Exception as e:  # an error in one part must not hide the others' results
-                traceback.print_exc()
-                results[name] = (False, f"error: `{type(e).__name__}: {e}`")
-                failed.append(f"{name} ({type(e).__name__}: {e})")
-            record(results, args.parts, args.dry_run, results_path)
-            print(f"gpu_check: {name} {'passed' if results[name][0] else 'FAILED'}", flush=True)
+        env = distributed.setup(device.type)
+        failed = run_parts(args.parts, size, device, env, lambda results: record(
+            results, args.parts, args.dry_run, results_path))
     finally:
+        signal.alarm(0)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
         distributed.teardown()
     if failed:
-        print("gpu_check: FAILED: " + "; ".join(failed), file=sys.stderr)
+        cli.say("gpu_check: FAILED: " + "; ".join(failed))
         return 1
     print(f"gpu_check: all parts passed ({', '.join(args.parts)})")
     return 0
