@@ -125,3 +125,24 @@ def test_a_part_running_at_the_time_limit_is_stopped_named_and_leaves_no_process
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "gpu_check: FAILED: pipeline (stopped: the check reached its 20 s limit during this part)")
     assert "### pipeline: **FAILED**\n\nstopped: the check reached its 20 s limit during this part" in results.read_text()
+
+
+def test_on_a_gpu_the_results_name_the_card_and_the_date(tmp_path, monkeypatch):
+    """The section a GPU run writes (the card mocked here): card, memory, CUDA version and the
+    day's date, then each part, those after a stop marked not run; other sections are kept."""
+    import datetime
+    import types
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n<!-- bench:other -->\nkept\n<!-- /bench:other -->\n")
+    gpu_check.record({"forward": (True, "the forward table")}, ["forward", "steps"], dry_run=False, path=results)
+    text = results.read_text()
+    assert "<!-- bench:other -->\nkept\n<!-- /bench:other -->" in text
+    section = text.split("<!-- bench:gpu_check -->")[1]
+    assert section.startswith(f"\n## GPU self-check (bench/gpu_check.sh)\n\n_{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}, ")
+    assert f"Card: **NVIDIA H100 80GB HBM3** (80 GiB), CUDA 12.8, torch {torch.__version__}." in section
+    assert "### forward: passed\n\nthe forward table" in section
+    assert "### steps: not run\n\nnot run (the check stopped before this part)" in section
