@@ -5,16 +5,18 @@ and filter: `doc_id` (the document's position in the evaluated split), `doc`, `t
 `arguments` (`gen_args_<i>` -> `arg_0` the context, `arg_1` the continuation or the generation
 settings), `resps` and `filtered_resps` (every value turned into a string), `filter`, `metrics`
 (the names of the metrics computed), one field per metric (a number, or for a metric aggregated
-over the corpus the sample's inputs to it), and `doc_hash` (SHA-256 of the document as JSON). Multiple-choice tasks have one filter, "none"; generation tasks such as
-GSM8K one line per filter ("strict-match", "flexible-extract").
+over the corpus the sample's inputs to it), and `doc_hash` (SHA-256 of the document as JSON).
+Multiple-choice tasks have one filter, "none"; generation tasks such as GSM8K one line per
+filter ("strict-match", "flexible-extract").
 
 Each document becomes one record in the shape predictions.py reads: `id` (the doc_id), `task`
 (from the file name), `prediction` (the choice of highest log-likelihood, or the generated
-text), `outputs` (the prediction under another metric: acc_norm's choice), `gold`, `prompt`,
-`choices` and `loglikelihoods` (multiple choice), `doc_hash`, `line` (of its first line in the
-file), `metrics`, keyed "metric,filter" as the harness's results file names them
-("acc,none", "exact_match,strict-match"), and `corpus_metrics`, the keys of the metrics that
-have no per-sample value (bleu: the harness computes it over the whole corpus).
+text), `outputs` (metric -> the output it scores: acc_norm's choice, the answer a generation
+filter extracted), `gold`, `prompt`, `choices` and `loglikelihoods` (multiple choice),
+`doc_hash`, `line` (of its first line in the file), `metrics`, keyed "metric,filter" as the
+harness's results file names them ("acc,none", "exact_match,strict-match"), and
+`corpus_metrics`, the keys of the metrics that have no per-sample value (bleu: the harness
+computes it over the whole corpus).
 """
 from __future__ import annotations
 
@@ -89,6 +91,13 @@ def _generated_text(sample: dict, where: str) -> str:
     return resps[0][0]
 
 
+def _filtered_answer(sample: dict) -> str | None:
+    """The answer a generation sample's filter extracted (GSM8K's number, "[invalid]" when none):
+    filtered_resps holds [answer] (one request)."""
+    responses = sample["filtered_resps"]
+    return responses[0] if isinstance(responses, list) and len(responses) == 1 and isinstance(responses[0], str) else None
+
+
 def _argmax(values: list[float]) -> int:
     """The first index of the maximum, as numpy's argmax (the harness's acc and acc_norm)."""
     return max(range(len(values)), key=lambda i: (values[i], -i))
@@ -122,7 +131,7 @@ def _record(sample: dict, task: str | None, line: int, where: str) -> dict:
     """The record of one document from its first sample line."""
     record: dict[str, Any] = {"id": sample["doc_id"], "task": task, "gold": _gold(str(sample["target"])),
                               "prompt": _prompt(sample), "doc_hash": sample["doc_hash"], "line": line,
-                              "metrics": {}, "corpus_metrics": []}
+                              "metrics": {}, "corpus_metrics": [], "outputs": {}}
     if _is_choice_line(sample):
         lls = _loglikelihoods(sample, where)
         record["loglikelihoods"] = lls
@@ -130,7 +139,7 @@ def _record(sample: dict, task: str | None, line: int, where: str) -> dict:
         choices = _choices(sample)
         if choices and len(choices) == len(lls):
             record["choices"] = choices
-            record["outputs"] = {"acc_norm,none": _argmax([ll / max(len(c), 1) for ll, c in zip(lls, choices)])}
+            record["outputs"]["acc_norm,none"] = _argmax([ll / max(len(c), 1) for ll, c in zip(lls, choices)])
     else:
         record["prediction"] = _generated_text(sample, where)
     return record
@@ -160,6 +169,8 @@ def read_samples(path: Path, lines: list[tuple[int, Any]]) -> list[dict]:
         for name in sample["metrics"]:
             if _is_corpus_level(sample[name]):
                 record["corpus_metrics"].append(f"{name},{key[1]}")
-            else:
-                record["metrics"][f"{name},{key[1]}"] = float(sample[name])
+                continue
+            record["metrics"][f"{name},{key[1]}"] = float(sample[name])
+            if "loglikelihoods" not in record and _filtered_answer(sample) is not None:
+                record["outputs"][f"{name},{key[1]}"] = _filtered_answer(sample)
     return list(records.values())

@@ -5,8 +5,8 @@ Two formats are read, and may be mixed in one comparison:
   and `correct` (bool, where defined) and `score` (float);
 - lm-evaluation-harness sample files (harness.py).
 `read_run` gives both as records with `metrics` (name -> value, named as the harness names
-them: "acc,none", "exact_match,strict-match"), `outputs` (metric -> the prediction it scores,
-where that is not `prediction`), `line` (where the record starts) and `doc` (the
+them: "acc,none", "exact_match,strict-match"), `outputs` (metric -> the output it scores,
+where that is not `prediction`: acc_norm's choice, an extracted answer), `line` (where the record starts) and `doc` (the
 document's position in the evaluated split, where known). The compatibility metrics compare
 models instance by instance, so `align` refuses runs of different tasks or documents rather
 than compare mismatched instances. No torch.
@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import files
 import harness
+import metrics
 
 ROLES = ("old", "new", "compat")
 _POSITION = re.compile(r"/(\d+)$")  # eval.py's ids end with the item's position: "piqa/validation/17"
@@ -93,10 +94,33 @@ def metric_values(record: dict) -> dict[str, float]:
     return values
 
 
+# eval.py's fields holding the output a metric scores where that is not `prediction`.
+_OUTPUTS = {"acc_norm_prediction": "acc_norm,none", "extracted_strict": "exact_match,strict-match",
+            "extracted_flexible": "exact_match,flexible-extract"}
+
+
+def outputs_of(record: dict) -> dict[str, Any]:
+    """metric -> the output it scores, where that is not `prediction`: acc_norm's choice, and for
+    exact match the answer each filter extracts from the generated text. A record read by
+    `read_run` carries them already."""
+    if "outputs" in record:
+        return record["outputs"]
+    return {name: record[key] for key, name in _OUTPUTS.items() if key in record}
+
+
+def answer(record: dict, metric: str | None) -> Any:
+    """The model's answer as `metric` scores it, which the flip metrics compare across models
+    (yhat of the paper's NFR_ext): acc_norm's choice; for exact match the extracted answer as
+    the metric compares it (GSM8K's normalisation: "18." and "$18" are 18); else `prediction`."""
+    output = outputs_of(record).get(metric, record["prediction"])
+    if metric is not None and metric.split(",")[0] == "exact_match" and isinstance(output, str):
+        return metrics.normalize_answer(output)
+    return output
+
+
 def _own_record(record: dict, number: int) -> dict:
     position = _POSITION.search(record["id"]) if isinstance(record["id"], str) else None
-    outputs = {"acc_norm,none": record["acc_norm_prediction"]} if "acc_norm_prediction" in record else {}
-    return {**record, "metrics": metric_values(record), "outputs": outputs, "line": number,
+    return {**record, "metrics": metric_values(record), "outputs": outputs_of(record), "line": number,
             "doc": int(position[1]) if position else None}
 
 
@@ -138,9 +162,8 @@ def resolve_metric(records: Sequence[dict], metric: str | None, name: str) -> st
 
 
 def with_metric(runs: dict[str, Sequence[dict]], metric: str, names: dict[str, str]) -> dict[str, list[dict]]:
-    """The runs with `correct`, `score` and `prediction` taken from `metric`: `score` its value,
-    `correct` whether it is 1 when every value of every run is 0 or 1 (a discrete metric), else
-    None, and `prediction` the output that metric scores (acc_norm's choice for acc_norm)."""
+    """The runs with `correct` and `score` taken from `metric`: `score` its value, `correct`
+    whether it is 1 when every value of every run is 0 or 1 (a discrete metric), else None."""
     for role, records in runs.items():
         lacking = next((r for r in records if metric not in metric_values(r)), None)
         if lacking is not None:
@@ -149,8 +172,7 @@ def with_metric(runs: dict[str, Sequence[dict]], metric: str, names: dict[str, s
                              "pass --metric with a metric every file has")
     values = {role: [metric_values(r)[metric] for r in records] for role, records in runs.items()}
     discrete = all(v in (0.0, 1.0) for vs in values.values() for v in vs)
-    return {role: [{**r, "score": v, "correct": v == 1.0 if discrete else None,
-                    "prediction": r.get("outputs", {}).get(metric, r["prediction"])} for r, v in zip(records, vs)]
+    return {role: [{**r, "score": v, "correct": v == 1.0 if discrete else None} for r, v in zip(records, vs)]
             for (role, records), vs in zip(runs.items(), values.values())}
 
 

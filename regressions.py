@@ -16,43 +16,49 @@ from typing import Any, Sequence
 CELL = 60  # characters of a prompt or a prediction shown in a table cell
 
 
-def _margin(record: dict) -> float | None:
-    """log p(prediction) - log p(gold) under the record's model; None without log-likelihoods."""
-    lls, gold, pred = record.get("loglikelihoods"), record.get("gold"), record.get("prediction")
-    if not isinstance(lls, list) or not all(isinstance(i, int) and 0 <= i < len(lls) for i in (gold, pred)):
+def _margin(record: dict, answer: Any) -> float | None:
+    """log p(answer) - log p(gold) under the record's model; None without log-likelihoods."""
+    lls, gold = record.get("loglikelihoods"), record.get("gold")
+    if not isinstance(lls, list) or not all(isinstance(i, int) and 0 <= i < len(lls) for i in (gold, answer)):
         return None
-    return float(lls[pred] - lls[gold])
+    return float(lls[answer] - lls[gold])
 
 
-def _row(pair: str, role: str, old: dict, other: dict) -> dict[str, Any]:
+def _row(pair: str, role: str, old: dict, other: dict, answers: tuple[Any, Any]) -> dict[str, Any]:
+    """One regressed instance: the answers the metric scores and, where they were extracted from
+    generated text, the texts too."""
     row = {"pair": pair, "model": role, "id": old["id"], "prompt": old.get("prompt") or other.get("prompt"),
-           "gold": old.get("gold", old.get("reference")), "old_prediction": old["prediction"],
-           "model_prediction": other["prediction"]}
+           "gold": old.get("gold", old.get("reference")), "old_prediction": answers[0],
+           "model_prediction": answers[1]}
     choices = old.get("choices") or other.get("choices")
     if isinstance(choices, list) and all(isinstance(c, str) for c in choices):
         row["choices"] = choices
+    for who, record, answer in (("old", old, answers[0]), ("model", other, answers[1])):
+        if isinstance(record["prediction"], str) and record["prediction"] != answer:
+            row[f"{who}_text"] = record["prediction"]
     for who, record in (("old", old), ("model", other)):
         if "loglikelihoods" in record:
             row[f"{who}_loglikelihoods"] = record["loglikelihoods"]
     return row
 
 
-def collect(kind: str, aligned: dict[str, list[dict]], values: dict[str, list]) -> list[dict[str, Any]]:
+def collect(kind: str, aligned: dict[str, list[dict]], values: dict[str, list],
+            answers: dict[str, list]) -> list[dict[str, Any]]:
     """Every regressed instance of every pair old -> other, worst first within each pair.
 
     `aligned` holds the matched records per role, `values` the per-instance correctness
-    (discrete) or scores (continuous) the report counts.
+    (discrete) or scores (continuous) the report counts, `answers` the outputs it compares.
     """
     rows = []
     for role in (r for r in aligned if r != "old"):
         pair, found = f"old->{role}", []
         for i, (old, other) in enumerate(zip(aligned["old"], aligned[role])):
             before, after = values["old"][i], values[role][i]
-            if kind == "discrete" and before and not after:
-                found.append(_row(pair, role, old, other) | {"margin": _margin(other)})
-            elif kind == "continuous" and after < before:
-                found.append(_row(pair, role, old, other) | {"old_score": before, "model_score": after,
-                                                             "delta": after - before})
+            if not ((before and not after) if kind == "discrete" else after < before):
+                continue
+            row = _row(pair, role, old, other, (answers["old"][i], answers[role][i]))
+            found.append(row | ({"margin": _margin(other, answers[role][i])} if kind == "discrete" else
+                                {"old_score": before, "model_score": after, "delta": after - before}))
         if kind == "discrete":  # rows with a margin first, largest first; the others in file order
             found.sort(key=lambda r: (r["margin"] is None, -(r["margin"] or 0.0)))
         else:
@@ -70,7 +76,8 @@ def _cell(value: Any) -> str:
     else:
         text = str(value)
     text = " ".join(text.split()).replace("|", "\\|")
-    return text if len(text) <= CELL else text[:CELL - 3] + "..."
+    tail = CELL // 3  # the end of a long text: a question's last words, GSM8K's "#### 18"
+    return text if len(text) <= CELL else text[:CELL - tail - 5] + " ... " + text[-tail:]
 
 
 def _answer(row: dict, key: str) -> Any:

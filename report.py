@@ -60,8 +60,10 @@ def compatibility_report(old: Sequence[dict], new: Sequence[dict], compat: Seque
     Records are matched by `id` (predictions.align). The report is "discrete" when every record has a boolean
     `correct` (accuracy, NFR, PFR, BTC, NFR_ext, flips, quadrant counts) and "continuous"
     otherwise (mean `score`, gain/regression rates and expectations, per-instance scores for the
-    scatter plot). `sources` (role -> file name) and `metric` (the metric `correct` and `score`
-    come from) only label error messages and the report.
+    scatter plot). `sources` (role -> file name) labels error messages and the report; `metric`
+    (the metric `correct` and `score` come from; None: the records' first) labels the report and
+    picks the answers that agreement, NFR_ext and the regressions compare (predictions.answer:
+    acc_norm's choice, the number an exact-match filter extracts).
     """
     runs = {"old": old, "new": new, **({"compat": compat} if compat is not None else {})}
     names = {role: f"{role} ({sources[role]})" if sources and role in sources else role for role in runs}
@@ -70,7 +72,8 @@ def compatibility_report(old: Sequence[dict], new: Sequence[dict], compat: Seque
             else "continuous")
     values = {role: [r["correct"] for r in rows] if kind == "discrete" else _scores(rows, names[role])
               for role, rows in aligned.items()}
-    outputs = {role: [r["prediction"] for r in rows] for role, rows in aligned.items()}
+    scored = metric or next(iter(predictions.metric_values(old[0])), None)
+    outputs = {role: [predictions.answer(r, scored) for r in rows] for role, rows in aligned.items()}
     report: dict[str, Any] = {"task": aligned["old"][0]["task"], "n": len(aligned["old"]), "kind": kind}
     if metric:
         report["metric"] = metric
@@ -84,10 +87,10 @@ def compatibility_report(old: Sequence[dict], new: Sequence[dict], compat: Seque
         before, after = report["pairs"]["old->new"], report["pairs"]["old->compat"]
         report["relative"] = {key: relative_change(before[key], after[key]) for key in _metric_keys(kind)}
         report["paper"] = _paper_columns(report)
-    report["other_metrics"] = _other_metrics(aligned, metric or next(iter(predictions.metric_values(old[0])), None))
+    report["other_metrics"] = _other_metrics(aligned, scored)
     if kind == "continuous":  # per-instance scores for the scatter plot of report.png
         report["scores"] = {"ids": [r["id"] for r in aligned["old"]], **values}
-    report["regressions"] = regressions.collect(kind, aligned, values)
+    report["regressions"] = regressions.collect(kind, aligned, values, outputs)
     return report
 
 

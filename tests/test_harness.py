@@ -215,9 +215,9 @@ def test_compare_two_harness_files(runs, tmp_path, capsys):
     cells = regressions.table(flips, "old->new", show=1)[4].split(" | ")  # the worst flip's row
     worst, texts = flips[0], []
     for cell, index in ((cells[2], worst["gold"]), (cells[4], worst["model_prediction"])):
-        assert cell.startswith(f"{index}: ")  # "1: ...jeans material, you will..." (the text where it differs)
-        texts.append(cell.removeprefix(f"{index}: ").removeprefix("...").removesuffix("..."))
-        assert texts[-1] and texts[-1] in worst["choices"][index]
+        assert cell.startswith(f"{index}: ")  # "1: ...jeans material, you will ... and a food dish."
+        texts.append(cell.removeprefix(f"{index}: ").removeprefix("..."))
+        assert all(part and part in " ".join(worst["choices"][index].split()) for part in texts[-1].split(" ... "))
     assert texts[0] != texts[1]
     assert [f["margin"] for f in flips] == sorted((f["margin"] for f in flips), reverse=True)
     assert compare.main([str(old), str(new), "--metric", "acc_norm"]) == 0
@@ -231,9 +231,15 @@ def test_gsm8k_filters_are_metrics(runs, tmp_path):
                         ("exact_match,flexible-extract", "exact_match,flexible-extract")):
         result = compare.build({"old": str(old), "new": str(new)}, metric)
         assert result["metric"] == key and result["n"] == N_GEN
-    texts = [r["prediction"] for r in predictions.read_run(old)]
+        # the same answer is the same filtered response (the extracted number), not the same text
+        answers = [{json.loads(line)["doc_id"]: json.loads(line)["filtered_resps"] for line in f.read_text().splitlines()
+                    if json.loads(line)["filter"] == key.split(",")[1]} for f in (old, new)]
+        agree = sum(answers[0][i] == answers[1][i] for i in range(N_GEN)) / N_GEN
+        assert result["pairs"]["old->new"]["agreement"] == agree
+    texts = [[r["prediction"] for r in predictions.read_run(f)] for f in (old, new)]
+    assert agree != sum(a == b for a, b in zip(*texts)) / N_GEN, "the files should tell answers from texts"
     lines = [json.loads(line) for line in old.read_text().splitlines()]
-    assert texts == [line["resps"][0][0] for line in lines if line["filter"] == "strict-match"]
+    assert texts[0] == [line["resps"][0][0] for line in lines if line["filter"] == "strict-match"]
 
 
 def test_a_continuous_harness_metric_gives_the_continuous_report(runs, tmp_path, capsys):

@@ -2,6 +2,7 @@
 end to end, on the hand-computed examples of test_metrics.py."""
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -154,6 +155,38 @@ def test_regressions_show_the_choices_texts_where_the_records_have_them(tmp_path
     flips = [json.loads(line) for line in (tmp_path / "out" / "regressions.jsonl").read_text().splitlines()]
     assert [f["choices"] for f in flips] == [choices[2], choices[4]]
     assert (flips[1]["gold"], flips[1]["model_prediction"]) == (1, 2)  # indices kept beside the texts
+
+
+def gsm8k_records(texts, references):
+    import eval as ev  # eval.py's own record of a generated text, as stage 4 writes it
+
+    return [{"id": f"gsm8k/test/{i}", "task": "gsm8k",
+             **ev.generation_record("exact_match", SimpleNamespace(references=[ref]), text)}
+            for i, (text, ref) in enumerate(zip(texts, references))]
+
+
+def test_exact_match_compares_the_extracted_answers_not_the_generated_texts(tmp_path):
+    references = ["#### 18", "She had 2 + 3 = 5 apples left after giving the others away, so #### 5",
+                  "#### 9", "#### 4"]
+    # old: right, right, wrong (7), wrong (3). new: right in other words ("18." is 18 to exact
+    # match), wrong (6), the same wrong answer in other words, another wrong answer: one negative
+    # flip, one inconsistency flip.
+    old = gsm8k_records(["So #### 18", "So #### 5", "So #### 7", "So #### 3"], references)
+    new = gsm8k_records(["Hence #### 18.", "It is 5, no: #### 6", "Thus #### 7", "#### 2"], references)
+    files = [write_jsonl(tmp_path / "old.jsonl", old), write_jsonl(tmp_path / "new.jsonl", new)]
+    assert compare.main([*files, "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    pair = report["pairs"]["old->new"]
+    assert (pair["agreement"], pair["nfr"], pair["inconsistency_flips"], pair["nfr_ext"]) == (0.5, 0.25, 0.25, 0.5)
+    assert r.compatibility_report(old, new)["pairs"] == report["pairs"]  # stage 4's report, from the records
+    flips = [json.loads(line) for line in (tmp_path / "out" / "regressions.jsonl").read_text().splitlines()]
+    assert [(f["id"], f["old_prediction"], f["model_prediction"], f["old_text"], f["model_text"]) for f in flips] == [
+        ("gsm8k/test/1", "5", "6", "So #### 5", "It is 5, no: #### 6")]
+    row = regressions.table(flips, "old->new", show=1)[4]
+    assert row.startswith("| gsm8k/test/1 |  | She had 2 + 3 = 5 apples left") and " #### 5 | 5 | 6 |" in row
+    # flexible-extract takes the last number: "It is 5, no: #### 6" still answers 6
+    flexible = compare.build(dict(zip(("old", "new"), files)), "exact_match,flexible-extract")
+    assert flexible["pairs"]["old->new"]["agreement"] == 0.5
 
 
 def test_regressions_table_names_the_compared_model_in_its_columns():
