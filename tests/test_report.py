@@ -240,6 +240,9 @@ def test_compare_refuses_bad_files_in_one_line_naming_file_and_line(tmp_path, ca
     assert f"new ({other_task}) holds task 'hellaswag' but old ({old}) holds 'piqa'" in _error([old, other_task], capsys)
     assert (f"old ({old}), line 1: no metric 'acc_norm' in the records (they have acc,none, score,none); "
             "pass --metric with one of those") in _error([old, old, "--metric", "acc_norm"], capsys)
+    normed = write_jsonl(tmp_path / "normed.jsonl", choice_records(OLD, norm=OLD))
+    assert (f"new ({old}), line 1 (id 'q0'): no metric 'acc_norm,none' (it has acc,none, score,none); pass "
+            "--metric with a metric every file has") in _error([normed, old, "--metric", "acc_norm"], capsys)
     shifted = [dict(r, gold=1) if r["id"] == "q2" else dict(r, gold=GOLD[i]) for i, r in enumerate(records(NEW))]
     gold = write_jsonl(tmp_path / "gold.jsonl", [dict(r, gold=GOLD[i]) for i, r in enumerate(records(OLD))])
     other_docs = write_jsonl(tmp_path / "other_docs.jsonl", shifted)
