@@ -217,6 +217,16 @@ def test_multiple_choice_reports_nfr_under_acc_norm_too():
     assert list(report["other_metrics"]) == ["acc_norm,none"]  # `score` repeats acc: not listed
 
 
+def test_under_acc_norm_the_answers_are_acc_norms_choices(tmp_path):
+    norm = {"old": [0] * 8, "new": [0, 0, 1, 1, 1, 0, 0, 0]}  # acc_norm: old right at 0-3, new at 0, 1, 4
+    paths = {role: write_jsonl(tmp_path / f"{role}.jsonl", choice_records(p, norm=norm[role]))
+             for role, p in (("old", OLD), ("new", NEW))}
+    result = compare.build(paths, "acc_norm")
+    assert result["pairs"]["old->new"]["agreement"] == 5 / 8  # under acc (OLD vs NEW) it is 4 / 8
+    assert [(f["id"], f["old_prediction"], f["model_prediction"]) for f in result["regressions"]] == [
+        ("q2", 0, 1), ("q3", 0, 1)]
+
+
 def _error(argv, capsys) -> str:
     """The one `error:` line (exit status 2) of a compare that must refuse its input."""
     assert compare.main([str(a) for a in argv]) == 2
