@@ -1,6 +1,7 @@
 """torchrun on CPU (gloo, FSDP2): two processes equal one, one failing rank stops them all, and a
 machine downloads each model once."""
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -77,6 +78,49 @@ sys.exit(train.main(sys.argv[1:]))
     assert "rank 1 failed on purpose" in done.stderr
     assert time.monotonic() - start < 60
     assert not (tmp_path / "run" / train.STAGES[1] / "DONE").exists()
+
+
+# ------------------------------------------------------------------ teacher store
+
+@pytest.mark.slow  # stages 1-2 once, stage 3 from the store on 1 and 2 processes
+def test_two_ranks_finish_a_half_built_teacher_store_and_train_from_it_as_one_process(
+        tiny_models, data_dir, tmp_path):
+    """A store left as a killed build leaves it (its description and M1's first shard, written
+    atomically) is finished by two ranks, each writing its own shards, to the bytes of a
+    one-process build; both ranks then read it, and stage 3 equals the one-process run."""
+    base, single, double = tmp_path / "base", tmp_path / "one", tmp_path / "two"
+    for stage in ("1", "2"):
+        assert train.main(tiny_flags(*tiny_models, data_dir, base, "--stage", stage)) == 0
+    for out in (single, double):
+        shutil.copytree(base, out)
+    flags = ("--stage", "3", "--teachers", "store", "--top-k", "8")
+    assert train.main(tiny_flags(*tiny_models, data_dir, single, *flags)) == 0
+    built, half = single / "teacher_store", double / "teacher_store"
+    (half / "old").mkdir(parents=True)
+    shutil.copy(built / "old" / "train-00000.safetensors", half / "old")
+    description = json.loads((built / "manifest.json").read_text())["description"]
+    (half / "building.json").write_text(json.dumps(description, indent=1) + "\n")
+
+    done = torchrun(ROOT / "train.py", *tiny_flags(*tiny_models, data_dir, double, *flags))
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Shard i is rank i % 2's: rank 0 (which prints) wrote only M2's training shard, so rank 1
+    # wrote both validation shards.
+    assert [line for line in done.stdout.splitlines() if line.startswith("teacher store:")] == [
+        "teacher store: new/train-00000.safetensors written (1/1 on this rank)"]
+    names = sorted(p.relative_to(built) for p in built.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(half) for p in half.rglob("*") if p.is_file())
+    assert len(names) == 5  # 2 shards per teacher and the manifest
+    for rel in names:
+        assert (half / rel).read_bytes() == (built / rel).read_bytes(), rel
+    logs = [read_log(out / train.STAGES[3] / "log.jsonl") for out in (single, double)]
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]]
+    for a, b in zip(*logs):
+        key = "loss" if "loss" in a else "val_loss"
+        assert b[key] == pytest.approx(a[key], abs=1e-4), (a, b)
+    adapters = [load_file(out / train.STAGES[3] / "adapter" / "adapter_model.safetensors")
+                for out in (single, double)]
+    for k in adapters[0]:
+        torch.testing.assert_close(adapters[1][k], adapters[0][k], rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------ one download per machine
