@@ -7,7 +7,8 @@ process is refused with the holder's name. A lock whose process is gone (SIGKILL
 same host, no such pid) is stale and taken over, with a note. A pid alone can name a later
 process (pids are reused, and a reboot starts them over), so on Linux the lock also keeps the
 boot id and the process's start time (/proc/<pid>/stat, field 22): a live pid with another one
-is another process, and the lock is stale too.
+is another process, and the lock is stale too. Under torchrun rank 0 holds it for every rank
+(`hold_on_main`). A teacher store being built is locked the same way (teacher_store.py).
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from pathlib import Path
 from typing import Iterator
 
 import cli
+import distributed
 import files
+from distributed import Dist
 
 NAME = ".lock"
 
@@ -110,3 +113,19 @@ def hold(directory: str | os.PathLike, flag: str = "--out") -> Iterator[Path]:
         if created:
             with contextlib.suppress(OSError):  # not empty: the run's files stay
                 directory.rmdir()
+
+
+@contextlib.contextmanager
+def hold_on_main(directory: str | os.PathLike, env: Dist, flag: str = "--out") -> Iterator[None]:
+    """`hold` under torchrun: rank 0 holds the lock of `directory`, and every rank stops with
+    its error when it cannot."""
+    error = None
+    with contextlib.ExitStack() as stack:
+        if env.main:
+            try:
+                stack.enter_context(hold(directory, flag))
+            except ValueError as e:
+                error = e
+        if distributed.all_reduce_sum([float(error is not None)], env)[0]:
+            raise error or ValueError(f"{flag} {directory} is in use by another run (rank 0 names it)")
+        yield

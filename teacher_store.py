@@ -28,9 +28,12 @@ A shard holds the fields of its examples' real label positions in order (ids and
 the rest float32, as computed in fp32 from the teacher's logits) with `keys` (the examples' keys,
 stage_data.Batches') and `offsets` (where each example's positions start). Each is written to a temp
 file, fsynced and renamed, and built from the same examples in the same batches whatever came
-before: a build killed at any point resumes with the shards it lacks and ends with the bytes of an
-uninterrupted build. Under torchrun rank r builds shards r, r + W, ... with a whole copy of one
-teacher at a time (M1, freed, then M2), rank 0 writes the manifest, and every rank reads the store.
+before: a build killed at any point resumes with the shards it lacks, deletes the temp file it was
+writing, and ends with the bytes of an uninterrupted build. One run builds a store at a time (it
+holds the store's lock, lock.py): another run given the same --teacher-store meanwhile is refused
+with the builder's name, and reads the store once it is complete. Under torchrun rank r builds
+shards r, r + W, ... with a whole copy of one teacher at a time (M1, freed, then M2), rank 0 holds
+the lock and writes the manifest, and every rank reads the store.
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ import align
 import data
 import distributed
 import files
+import lock
 import models
 import muscle
 from distributed import Dist
@@ -218,9 +222,19 @@ def build(root: Path, description: dict, splits: dict[str, Sequence[data.Example
     has shards of it left to write; it is freed before the next one is loaded. M1 reads
     `old_tokens` where given (its own tokenizer's ids, align.py)."""
     root = Path(root)
-    if (root / MANIFEST).is_file():
-        check_description(root / MANIFEST, _read_json(root / MANIFEST)["description"], description)
-        return
+    if not (root / MANIFEST).is_file():
+        with lock.hold_on_main(root, env, "--teacher-store"):  # one build of a store at a time
+            if not (root / MANIFEST).is_file():  # another run may have finished it meanwhile
+                _build(root, description, splits, teachers, pad_id, env, batch_size, chunk_size,
+                       shard_examples, log, old_tokens)
+    check_description(root / MANIFEST, _read_json(root / MANIFEST)["description"], description)
+
+
+def _build(root: Path, description: dict, splits: dict[str, Sequence[data.Example]],
+           teachers: dict[str, Callable[[], nn.Module]], pad_id: int, env: Dist, batch_size: int,
+           chunk_size: int, shard_examples: int, log: Callable[[str], None],
+           old_tokens: align.TeacherTokens | None) -> None:
+    """`build` of an incomplete store, while this run holds its lock."""
     _start(root, description, env)
     description = _read_json(root / BUILDING)  # an earlier build's k (>= this run's) wins
     k, mark = description["top_k"], fingerprint(description)
@@ -250,16 +264,20 @@ def build(root: Path, description: dict, splits: dict[str, Sequence[data.Example
 
 
 def _start(root: Path, description: dict, env: Dist) -> None:
-    """Record what is being built, or check that an interrupted build was of the same store."""
+    """Record what is being built, or check that an interrupted build was of the same store and
+    delete the temp files a kill left in it (no other process writes there: the lock)."""
     if (root / BUILDING).is_file():
         check_description(root / BUILDING, _read_json(root / BUILDING), description)
-    elif root.is_dir() and any(root.iterdir()):
+    elif root.is_dir() and any(p.name != lock.NAME for p in root.iterdir()):
         raise ValueError(f"--teacher-store {root} is not empty and holds no {MANIFEST} or "
                          f"{BUILDING}, so it is not a teacher store; choose another directory "
                          f"(nothing was deleted)")
     distributed.barrier(env)
-    if env.main and not (root / BUILDING).is_file():
-        files.write_text_atomic(root / BUILDING, json.dumps(description, indent=1) + "\n")
+    if env.main:
+        for tmp in root.rglob(".*.tmp-*"):  # files.replace_atomic's temp files
+            tmp.unlink()
+        if not (root / BUILDING).is_file():
+            files.write_text_atomic(root / BUILDING, json.dumps(description, indent=1) + "\n")
     distributed.barrier(env)
 
 

@@ -31,7 +31,6 @@ torch.distributed helpers in distributed.py, atomic checkpoints in checkpoint.py
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -39,7 +38,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -380,24 +379,10 @@ def run(args: argparse.Namespace, env: Dist) -> None:
         train_cli.check_answers_fit(args, items, env)
     if 4 in stages:
         check_eval_data(args)
-    with hold_lock(out, env):
+    with lock.hold_on_main(out, env):  # rank 0 holds --out's lock for the whole run
         check_run_config(out, args, env, items_digest(items) if items else None)
         run_stages(args, env, out, stages, cross)
 
-
-@contextlib.contextmanager
-def hold_lock(out: Path, env: Dist) -> Iterator[None]:
-    """Rank 0 holds --out's lock (lock.py) for the whole run; every rank stops when it cannot."""
-    error = None
-    with contextlib.ExitStack() as stack:
-        if env.main:
-            try:
-                stack.enter_context(lock.hold(out))
-            except ValueError as e:
-                error = e
-        if distributed.all_reduce_sum([float(error is not None)], env)[0]:
-            raise error or ValueError(f"--out {out} is in use by another run (rank 0 names it)")
-        yield
 
 
 def is_done(args: argparse.Namespace, out: Path, stage: int) -> bool:

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import lock
 import models
 import muscle
 import teacher_store
@@ -130,6 +131,18 @@ def test_bad_stores_are_refused_naming_the_file_and_what_differs(teachers, tmp_p
         teacher_store.build(good, description(teachers, seed=1), teachers[2], {}, teachers[3])
 
 
+def test_a_store_being_built_by_another_process_is_refused_naming_it(teachers, tmp_path):
+    """Two runs sharing one --teacher-store (a mask sweep started in parallel) do not build it
+    twice into one directory: the second is refused while the first holds the store's lock."""
+    store = tmp_path / "store"
+    with lock.hold(store, "--teacher-store"):
+        with pytest.raises(ValueError, match=rf"--teacher-store {store} is in use by pid {os.getpid()}"):
+            build(teachers, store)
+        assert [p.name for p in store.iterdir()] == [lock.NAME]  # nothing built
+    build(teachers, store)
+    assert (store / "manifest.json").is_file() and not (store / lock.NAME).exists()
+
+
 KILL_SCRIPT = """
 import os, signal, sys
 sys.path[:0] = [{root!r}, {tests!r}]
@@ -137,13 +150,13 @@ import torch
 torch.set_num_threads(1)
 import test_teacher_store as t
 calls = []
-real = t.teacher_store.write_shard
+real = getattr(t.teacher_store, {target!r})
 def write_then_die(*args, **kwargs):
     real(*args, **kwargs)
     calls.append(1)
     if len(calls) == {after}:
         os.kill(os.getpid(), signal.SIGKILL)
-t.teacher_store.write_shard = write_then_die
+setattr(t.teacher_store, {target!r}, write_then_die)
 t.build(t.teachers_at({cache!r}), {store!r})
 """
 
@@ -157,20 +170,23 @@ def teachers_at(cache: str):
     return root, dirs, {"train": examples[:8], "validation": examples[8:]}, tok.pad_id
 
 
-@pytest.mark.parametrize("after", [1, 5])  # inside M1's pass; inside M2's
+# A kill after the 1st shard (in M1's pass), after the 5th (in M2's), or in the 3rd shard's
+# write: its temp file is complete, not yet renamed.
+@pytest.mark.parametrize("target, after", [("write_shard", 1), ("write_shard", 5), ("save_file", 3)])
 def test_sigkill_during_the_build_then_rerun_gives_the_bytes_of_an_uninterrupted_build(
-        teachers, tmp_path, after):
+        teachers, tmp_path, target, after):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     build(teachers, clean)
-    script = KILL_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), after=after,
-                                cache=str(teachers[0]), store=str(killed))
+    script = KILL_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), target=target,
+                                after=after, cache=str(teachers[0]), store=str(killed))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert (killed / "building.json").is_file() and not (killed / "manifest.json").exists()
     written = sorted(p.relative_to(killed) for p in killed.rglob("*.safetensors"))
-    assert len(written) == after and not list(killed.rglob(".*tmp*"))
-    build(teachers_at(str(teachers[0])), killed)
+    in_write = target == "save_file"
+    assert len(written) == after - in_write and len(list(killed.rglob(".*.tmp-*"))) == in_write
+    build(teachers_at(str(teachers[0])), killed)  # the dead build's lock is taken over
     files = sorted(p.relative_to(clean) for p in clean.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(killed) for p in killed.rglob("*") if p.is_file())
     assert len(files) == 9  # 8 shards and the manifest
