@@ -1,6 +1,7 @@
 """Tests of train.py on tiny random Llama checkpoints (CPU): the losses of stages 1-3, the
 pipeline end to end, its flags, interruptions and the teacher store."""
 import argparse
+import hashlib
 import json
 import math
 import signal
@@ -364,18 +365,18 @@ def test_sigkill_or_sigint_in_stage3_then_rerun_gives_the_uninterrupted_adapter(
 @pytest.mark.slow  # stages 1-2 once, stage 3 four times
 def test_stage3_from_the_teacher_store(tiny_models, data_dir, tmp_path, monkeypatch):
     """With k = V the store gives the online adapter; M1 is freed before the student trains; a
-    run of another mask reuses the store without loading a teacher; a bad shard is one error
-    line (exit 2) and nothing is trained."""
+    run of another mask reuses the store without loading a teacher; the manifest names what
+    built the store; a bad shard is one error line (exit 2) and nothing is trained."""
     import gc
     import weakref
     base = tmp_path / "base"
     assert train.main(tiny_flags(*tiny_models, data_dir, base, "--stage", "1")) == 0
     assert train.main(tiny_flags(*tiny_models, data_dir, base, "--stage", "2")) == 0
-    loaded, real_load, real_fit = [], train.load_base, train.fit
+    loaded, real_load, real_fit = [], models.load_model, train.fit
 
-    def load_base(name, args, env):
-        model = real_load(name, args, env)
-        loaded.append((name, weakref.ref(model)))
+    def load_model(name, *args, **kwargs):  # every model any code loads
+        model = real_load(name, *args, **kwargs)
+        loaded.append((str(name), weakref.ref(model)))
         return model
 
     def fit(*args, **kwargs):
@@ -383,7 +384,7 @@ def test_stage3_from_the_teacher_store(tiny_models, data_dir, tmp_path, monkeypa
         alive = [name for name, ref in loaded if ref() is not None]
         assert alive == [tiny_models[1]], alive  # only the student's base v2
         return real_fit(*args, **kwargs)
-    monkeypatch.setattr(train, "load_base", load_base)
+    monkeypatch.setattr(models, "load_model", load_model)
     monkeypatch.setattr(train, "fit", fit)
     store = tmp_path / "teacher_outputs"
     runs = {name: tmp_path / name for name in ("online", "store", "other_mask")}
@@ -397,6 +398,16 @@ def test_stage3_from_the_teacher_store(tiny_models, data_dir, tmp_path, monkeypa
         assert [n for n, _ in loaded] == ([tiny_models[0], tiny_models[1]] if name == "store" else []) \
             + [tiny_models[1]]  # M1 and M2 once, for the build; then the student alone
     monkeypatch.setattr(train, "fit", real_fit)
+    described = json.loads((store / "manifest.json").read_text())["description"]
+    for role, stage, base_dir in (("old", 1, tiny_models[0]), ("new", 2, tiny_models[1])):
+        assert described[role] == {
+            "weights_sha256": sha256(Path(base_dir) / "model.safetensors"),
+            "adapter_sha256": sha256(train.adapter_dir(base, stage) / "adapter_model.safetensors"),
+            "tokenizer_sha256": sha256(Path(base_dir) / "tokenizer.json",
+                                       Path(base_dir) / "tokenizer_config.json")}
+    assert {k: described[k] for k in ("task", "seed", "limit_train", "max_len", "dtype", "top_k")} == {
+        "task": "piqa", "seed": 0, "limit_train": 25, "max_len": 48, "dtype": "torch.float32", "top_k": 300}
+    assert [(n, d["examples"]) for n, d in described["splits"].items()] == [("train", 20), ("validation", 5)]
     assert train.main(tiny_flags(*tiny_models, data_dir, runs["online"], "--stage", "3")) == 0
     for name, out in runs.items():
         adapters[name] = load_file(out / "stage3_compat" / "adapter" / "adapter_model.safetensors")
@@ -414,6 +425,11 @@ def test_stage3_from_the_teacher_store(tiny_models, data_dir, tmp_path, monkeypa
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]  # the tiny flags cut some answers
     assert lines[0].startswith(f"error: teacher store shard {shard} has 100 bytes")
     assert not (bad / "stage3_compat").exists()
+
+
+def sha256(*paths: Path) -> str:
+    """One sha256 over the files' bytes, in order."""
+    return hashlib.sha256(b"".join(p.read_bytes() for p in paths)).hexdigest()
 
 
 def test_teacher_store_across_two_vocabularies_is_refused(tiny_models, data_dir, tmp_path):
