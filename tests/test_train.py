@@ -366,7 +366,8 @@ def test_sigkill_or_sigint_in_stage3_then_rerun_gives_the_uninterrupted_adapter(
 def test_stage3_from_the_teacher_store(tiny_models, data_dir, tmp_path, monkeypatch):
     """With k = V the store gives the online adapter; M1 is freed before the student trains; a
     run of another mask reuses the store without loading a teacher; the manifest names what
-    built the store; a bad shard is one error line (exit 2) and nothing is trained."""
+    built the store; a store of another run and a bad shard are one error line each (exit 2),
+    and nothing is trained."""
     import gc
     import weakref
     base = tmp_path / "base"
@@ -414,17 +415,28 @@ def test_stage3_from_the_teacher_store(tiny_models, data_dir, tmp_path, monkeypa
     for k in adapters["online"]:
         torch.testing.assert_close(adapters["store"][k], adapters["online"][k], rtol=0, atol=1e-5)
     assert any(not torch.equal(adapters["other_mask"][k], adapters["store"][k]) for k in adapters["store"])
+
+    def refusal(out: Path) -> str:
+        """The one error line of stage 3 from the store in `out`, which trains nothing."""
+        proc = subprocess.run([sys.executable, "train.py", *tiny_flags(
+            *tiny_models, data_dir, out, "--stage", "3", "--teachers", "store", "--teacher-store", str(store))],
+            cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD)
+        lines = [line for line in proc.stderr.splitlines() if not line.startswith("warning: --max-len 48 cuts")]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]  # the tiny flags cut some answers
+        assert not (out / "stage3_compat").exists()
+        return lines[0]
+    # Another run: its A2 differs (as after retraining stage 2) from the one the store was built with.
+    retrained = tmp_path / "retrained"
+    subprocess.run(["cp", "-r", str(base), str(retrained)], check=True)
+    a2 = train.adapter_dir(retrained, 2) / "adapter_model.safetensors"
+    a2.write_bytes((train.adapter_dir(retrained, 1) / "adapter_model.safetensors").read_bytes())
+    assert refusal(retrained).startswith(
+        f"error: teacher store {store / 'manifest.json'} was built for another run (new.adapter_sha256: ")
     bad = tmp_path / "bad"
     subprocess.run(["cp", "-r", str(base), str(bad)], check=True)
     shard = store / "new" / "train-00000.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])
-    proc = subprocess.run([sys.executable, "train.py", *tiny_flags(*tiny_models, data_dir, bad, "--stage", "3",
-                           "--teachers", "store", "--teacher-store", str(store))],
-                          cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD)
-    lines = [line for line in proc.stderr.splitlines() if not line.startswith("warning: --max-len 48 cuts")]
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]  # the tiny flags cut some answers
-    assert lines[0].startswith(f"error: teacher store shard {shard} has 100 bytes")
-    assert not (bad / "stage3_compat").exists()
+    assert refusal(bad).startswith(f"error: teacher store shard {shard} has 100 bytes")
 
 
 def sha256(*paths: Path) -> str:
