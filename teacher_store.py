@@ -326,7 +326,7 @@ class TeacherStore:
         self.fields: dict[str, muscle.TeacherFields] = {}
         self.index: dict[int, tuple[int, int]] = {}  # key -> (first position, count), both roles
         for role in ROLES:
-            parts = [_load_shard(root, rel, info, fingerprint(manifest["description"]))
+            parts = [_load_shard(root, rel, info)
                      for rel, info in manifest["shards"].items() if rel.startswith(f"{role}/")]
             self.fields[role] = muscle.TeacherFields(*(torch.cat([p[n] for p in parts])
                                                        for n in FIELDS))
@@ -373,7 +373,7 @@ class TeacherStore:
         return out[0], out[1]
 
 
-def _load_shard(root: Path, rel: str, info: dict, mark: str) -> dict[str, torch.Tensor]:
+def _load_shard(root: Path, rel: str, info: dict) -> dict[str, torch.Tensor]:
     """A shard's tensors after checking its size and sha256 against the manifest."""
     path = root / rel
     if not path.is_file():
