@@ -321,7 +321,7 @@ RUN_CONFIG = "run_config.json"
 TRAIN_ITEMS = "train_items"  # run_config.json: the digest of the items the training stages read
 # Flags that only stages 3 and 4 read: they may change in a run whose stage 3 has not started, so
 # a copy of a run's stages 1-2 (and its teacher store) serves runs of other masks.
-STAGE3_FLAGS = {"mask", "temperature", "ce_weight", "teachers", "top_k"}
+STAGE3_FLAGS = {"mask", "temperature", "ce_weight", "teachers", "top_k", "cross_vocab"}
 
 
 def check_run_config(out: Path, args: argparse.Namespace, env: Dist, train_digest: str | None = None) -> None:

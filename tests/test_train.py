@@ -229,14 +229,15 @@ def test_training_items_are_compared_by_digest_and_data_dir_is_recorded(tmp_path
 
 
 def test_stage3_flags_may_change_until_stage3_starts(tmp_path):
-    """A copy of a run's stages 1-2 serves a run of another mask; once stage 3 has started, it
-    belongs to its mask."""
+    """A copy of a run's stages 1-2 serves a run of another mask (or cross-vocabulary rule);
+    once stage 3 has started, it belongs to its mask."""
     out = tmp_path / "run"
     flags = ["--old", "a", "--new", "b", "--task", "piqa", "--out", str(out)]
     train.check_run_config(out, train_cli.parse_args(flags), Dist())
-    other_mask = flags + ["--mask", "none", "--teachers", "store", "--top-k", "8"]
+    other_mask = flags + ["--mask", "none", "--teachers", "store", "--top-k", "8", "--cross-vocab", "uld"]
     train.check_run_config(out, train_cli.parse_args(other_mask), Dist())
-    assert json.loads((out / "run_config.json").read_text())["mask"] == "none"
+    saved = json.loads((out / "run_config.json").read_text())
+    assert (saved["mask"], saved["cross_vocab"]) == ("none", "uld")
     (out / "stage3_compat").mkdir()
     with pytest.raises(ValueError, match=r"mask: 'none' there, 'student_correct' now"):
         train.check_run_config(out, train_cli.parse_args(flags + ["--teachers", "store", "--top-k", "8"]), Dist())
