@@ -10,9 +10,11 @@ another sample. What a model knows is what it memorised or inferred from its cor
 more, but not everything v1 knew: the update moves which instances each model gets right (negative
 flips, the paper's Sec. 3). MUSCLE needs the same vocabulary, not the same architecture.
 
-toy-v3 is toy-v2's recipe (a Phi, the same corpus sample and steps) reading the world through
-another tokenizer (toy_vocab.py: two-syllable names in two pieces, other ids), so toy-v1 -> toy-v3 is an update
-that changes the vocabulary, for MUSCLE across vocabularies (train.py --cross-vocab).
+toy-v3 reads the world through another tokenizer (toy_vocab.py: two-syllable names in two pieces,
+other ids), so toy-v1 -> toy-v3 is an update that changes the vocabulary, for MUSCLE across
+vocabularies (train.py --cross-vocab). It is a Phi as wide as v2 that reads a corpus sample twice
+as large for twice as many steps, as Llama 3 read more text than Llama 2 through its new
+tokenizer: facts bind less easily to names in pieces, and on v2's recipe v3 gains nothing over v1.
 
 What this toy shows (`train.py @configs/toy-mc.args`; the figures are in the README): v2 is more
 accurate than v1, yet gets wrong some items v1 got right, and the paper's mask removes part of
@@ -94,7 +96,8 @@ SCENARIOS: dict[str, Scenario] = {
     # The default update (measured in the README): v1 a Llama pre-trained briefly on a large sample,
     # v2 a Phi as wide, pre-trained twice as long on another sample. Both read facts only as
     # statements (p_qa 0), so answering the tasks' questions is a skill that fine-tuning teaches
-    # (see `toy_world.corpus`).
+    # (see `toy_world.corpus`). v3 (another tokenizer) reads a sample twice as large as v2's
+    # for twice as many steps.
     "default": Scenario(
         world=toy_world.WorldConfig(),
         v1=BaseSpec("llama", hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -102,7 +105,7 @@ SCENARIOS: dict[str, Scenario] = {
         v2=BaseSpec("phi", hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
                     n_sentences=20000, corpus_seed=1, steps=1200),
         v3=BaseSpec("phi", hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
-                    n_sentences=20000, corpus_seed=1, steps=1200),
+                    n_sentences=40000, corpus_seed=1, steps=2400),
     ),
     # Seconds to build, for the test suite (MUSCLE_TOY_SIZE=micro): same code path, no claims.
     "micro": Scenario(
