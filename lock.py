@@ -96,6 +96,9 @@ def _acquire(directory: Path, flag: str) -> Path:
 def hold(directory: str | os.PathLike, flag: str = "--out") -> Iterator[Path]:
     """Hold the lock of `directory` (created if missing; removed again if it is left empty)."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{flag} {directory} is a file, not a directory; choose a directory "
+                         f"(nothing was changed)")
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     try:

@@ -47,6 +47,16 @@ def test_a_held_lock_refuses_a_second_holder_and_names_it(tmp_path):
     assert not (tmp_path / "run").exists()  # created for the lock and left empty: removed
 
 
+@pytest.mark.parametrize("flag", ["--out", "--teacher-store"])
+def test_a_file_where_the_directory_should_be_is_one_error_naming_it(tmp_path, flag):
+    (tmp_path / "run").write_text("not a directory")
+    with pytest.raises(ValueError, match=rf"^{flag} {tmp_path / 'run'} is a file, not a directory; "
+                                         rf"choose a directory \(nothing was changed\)$"):
+        with lock.hold(tmp_path / "run", flag):
+            pass
+    assert (tmp_path / "run").read_text() == "not a directory"
+
+
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
     pid = dead_pid()
     write_lock(tmp_path, pid)
