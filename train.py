@@ -384,7 +384,6 @@ def run(args: argparse.Namespace, env: Dist) -> None:
         run_stages(args, env, out, stages, cross)
 
 
-
 def is_done(args: argparse.Namespace, out: Path, stage: int) -> bool:
     """Whether the stage's output is complete: a DONE file, and for stage 4 one written for the
     items evaluated now (a DONE without a digest predates it and counts as done)."""
