@@ -291,10 +291,9 @@ def muscle_loss_cross(h_student: torch.Tensor, h_old: torch.Tensor, h_new: torch
                 old_logits = torch.where(usable.unsqueeze(-1), at_one.clamp_min(1e-300).log(), new)
             wants_old = muscle.get_mask(mask)(student, old_logits, new, y) & real
             follow = wants_old & usable
-            teacher = torch.where(follow.unsqueeze(-1), old_teacher, p_new)
             if rule == "uld":  # no KL where the student follows M1: its own distribution
-                teacher = torch.where(follow.unsqueeze(-1),
-                                      torch.softmax(student / temperature, dim=-1), p_new)
+                old_teacher = torch.softmax(student / temperature, dim=-1)
+            teacher = torch.where(follow.unsqueeze(-1), old_teacher, p_new)
         per_token = muscle.distill_per_token(student, teacher, y, temperature, ce_weight,
                                              log_target=False)
         if rule == "uld" and follow.any():  # ... and T^2 * the sorted-L1 distance instead
