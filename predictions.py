@@ -150,8 +150,11 @@ def resolve_metric(records: Sequence[dict], metric: str | None, name: str) -> st
                          f"no `score`{only}), so there is nothing to compare instance by instance")
     if metric is None:
         return available[0]
-    matches = [key for key in available if key == metric or key.split(",")[0] == metric]
-    if not matches and any(key == metric or key.split(",")[0] == metric for key in corpus):
+    def named(key: str) -> bool:  # "acc" names "acc,none"; "acc,none" names itself
+        return key == metric or key.split(",")[0] == metric
+
+    matches = [key for key in available if named(key)]
+    if not matches and any(named(key) for key in corpus):
         raise ValueError(f"{where}: metric {metric!r} is computed over the whole corpus (each sample logs its "
                          "inputs to it, not a score), so no instance has a value of its own; pass --metric "
                          f"with one of {', '.join(available)}")
