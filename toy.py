@@ -14,7 +14,8 @@ toy-v3 reads the world through another tokenizer (toy_vocab.py: two-syllable nam
 other ids), so toy-v1 -> toy-v3 is an update that changes the vocabulary, for MUSCLE across
 vocabularies (train.py --cross-vocab). It is a Phi as wide as v2 that reads a corpus sample twice
 as large for twice as many steps, as Llama 3 read more text than Llama 2 through its new
-tokenizer: facts bind less easily to names in pieces, and on v2's recipe v3 gains nothing over v1.
+tokenizer: facts bind less easily to names in pieces, so v3 needs more reading than v2 to know
+more than v1.
 
 What this toy shows (`train.py @configs/toy-mc.args`; the figures are in the README): v2 is more
 accurate than v1, yet gets wrong some items v1 got right, and the paper's mask removes part of
